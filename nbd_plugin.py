@@ -1,0 +1,147 @@
+"""nbdkit entry point of snapengine: adapts nbdkit's callbacks to the engine.
+
+    nbdkit -U RUN/nbd.sock python nbd_plugin.py run_dir=RUN origins='[["/srv/disk0.img", "disk0"]]'
+
+Normally started by ``snapengine serve``. Parameters: run_dir (required), origins (JSON
+list of [path, export name]), max_minors, cache_default (MB), fallocate_percent, tcp
+(HOST:PORT), log (file), verbose (1).
+
+Every callback is wrapped by ``_callback``: an OSError becomes its errno for the client
+(``nbdkit.set_error``), anything else is logged with its traceback and becomes EIO.
+"""
+
+import errno
+import functools
+import logging
+import os
+import site
+
+for _dir in os.environ.get("SNAPENGINE_SITE", "").split(os.pathsep):
+    if _dir:
+        site.addsitedir(_dir)
+
+import nbdkit  # noqa: E402  (provided by nbdkit's python plugin)
+
+from snapengine.daemon import Daemon  # noqa: E402
+
+API_VERSION = 2
+log = logging.getLogger("snapengine.plugin")
+
+daemon = Daemon()  # the only module global: configured, started and stopped by nbdkit
+
+
+def _callback(func):
+    @functools.wraps(func)
+    def wrapper(*args):
+        try:
+            return func(*args)
+        except OSError as e:
+            nbdkit.set_error(e.errno or errno.EIO)
+            raise
+        except Exception:
+            log.exception("%s failed", func.__name__)
+            nbdkit.set_error(errno.EIO)
+            raise
+    return wrapper
+
+
+def thread_model():
+    # Requests run in parallel (I/O releases the GIL). The engine locks what it shares:
+    # a write gate per origin, a short per-minor lock never held across I/O.
+    return nbdkit.THREAD_MODEL_PARALLEL
+
+
+@_callback
+def config(key, value):
+    daemon.configure(key, value)
+
+
+@_callback
+def config_complete():
+    daemon.check()
+
+
+@_callback
+def get_ready():
+    daemon.start()  # origins opened, minors resumed: before any client is accepted
+
+
+@_callback
+def after_fork():
+    daemon.start_threads()  # threads do not survive nbdkit's fork
+
+
+def cleanup():
+    daemon.stop()
+
+
+@_callback
+def list_exports(readonly, is_tls):
+    return daemon.engine.export_list()
+
+
+@_callback
+def open(readonly):
+    return daemon.engine.open_export(nbdkit.export_name(), readonly)
+
+
+@_callback
+def close(h):
+    h.close()
+
+
+def get_size(h):
+    return h.size
+
+
+def can_write(h):
+    return h.writable
+
+
+def can_trim(h):
+    return h.writable
+
+
+def can_zero(h):
+    return h.writable
+
+
+def can_fua(h):
+    return nbdkit.FUA_NATIVE if h.writable else nbdkit.FUA_NONE
+
+
+def can_flush(h):
+    return True
+
+
+def can_multi_conn(h):
+    return True
+
+
+def is_rotational(h):
+    return False
+
+
+@_callback
+def pread(h, buf, offset, flags):
+    h.pread(buf, offset)
+
+
+@_callback
+def pwrite(h, buf, offset, flags):
+    h.pwrite(buf, offset, bool(flags & nbdkit.FLAG_FUA))
+
+
+@_callback
+def zero(h, count, offset, flags):
+    h.zero(count, offset, bool(flags & nbdkit.FLAG_MAY_TRIM), bool(flags & nbdkit.FLAG_FUA))
+
+
+@_callback
+def trim(h, count, offset, flags):
+    h.trim(count, offset, bool(flags & nbdkit.FLAG_FUA))
+
+
+@_callback
+def flush(h, flags):
+    h.flush()

@@ -1,0 +1,189 @@
+"""elioctl: control snapengine's snapshots and change tracking, as elastio-snap's elioctl does.
+
+Every failure ends with one line on stderr, ``elioctl: <sub-command>: <strerror>: <what
+was wrong>``, and the errno as exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import os
+import sys
+from typing import Any, Callable, NoReturn
+
+from . import __version__
+from .control import request
+from .errors import SnapError
+
+DEFAULT_RUN_DIR = "/run/elastio-snap"
+CTL_SOCKET = "ctl.sock"
+
+DESCRIPTION = """\
+Control the snapengine daemon: point-in-time snapshots of the block devices (origins)
+it serves over NBD, and tracking of the blocks changed between snapshots.
+
+A snapshot of minor N is served read-only as the NBD export "elastio-snapN" on the
+daemon's socket (DIR/nbd.sock). Sizes (-c, -f) are in MB. Exit status is 0 on
+success, else the errno of the failure.
+"""
+
+EPILOG = """\
+backup cycle:
+  elioctl setup-snapshot /srv/disk0.img /var/backup/cow1 4   # state 3, export elastio-snap4
+  nbdcopy 'nbd+unix:///elastio-snap4?socket=/run/elastio-snap/nbd.sock' full.img
+  elioctl transition-to-incremental 4                        # state 2: only changes kept
+  elioctl transition-to-snapshot /var/backup/cow2 4          # state 3, seq_id + 1
+  update-img 4 /var/backup/cow1 full.img                     # copy just what changed
+
+states: 0 dormant incremental, 1 dormant snapshot, 2 active incremental,
+        3 active snapshot, 4 unverified incremental, 5 unverified snapshot
+"""
+
+
+class UsageError(Exception):
+    def __init__(self, command: str, message: str) -> None:
+        super().__init__(message)
+        self.command = command
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports usage errors as EINVAL, in elioctl's one-line form."""
+
+    def error(self, message: str) -> NoReturn:
+        command = self.prog.split()[-1] if " " in self.prog else "elioctl"
+        raise UsageError(command, message)
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="elioctl", description=DESCRIPTION, epilog=EPILOG,
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run-dir", default=os.environ.get("ELIO_RUN_DIR", DEFAULT_RUN_DIR),
+                        help="the daemon's run directory (env ELIO_RUN_DIR, default %(default)s)")
+    parser.add_argument("--version", action="version", version=f"snapengine {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="<sub-command>", parser_class=Parser)
+
+    def command(name: str, func: Callable, help: str) -> Parser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.set_defaults(func=func)
+        return p
+
+    def cache(p: Parser) -> None:
+        p.add_argument("-c", dest="cache_mb", metavar="<cache MB>",
+                       help="index cache limit in MB (default 300)")
+
+    def fallocate(p: Parser) -> None:
+        p.add_argument("-f", dest="fallocate_mb", metavar="<fallocate MB>",
+                       help="hard limit on COW data in MB (default: 10%% of the origin)")
+
+    p = command("setup-snapshot", setup_snapshot,
+                "take a snapshot of <block device>, saving old data to a new <cow file>")
+    cache(p), fallocate(p)
+    p.add_argument("block_device", metavar="<block device>", help="an origin's path or name")
+    p.add_argument("cow_file", metavar="<cow file>", help="new file, outside every origin")
+    p.add_argument("minor", metavar="<minor>")
+    for mode in ("snapshot", "incremental"):
+        p = command(f"reload-{mode}", reload,
+                    f"bring back a minor left in {mode} mode (after the registry was lost); "
+                    "its COW file is checked when the origin's first client connects")
+        cache(p)
+        p.add_argument("block_device", metavar="<block device>")
+        p.add_argument("cow_file", metavar="<cow file>")
+        p.add_argument("minor", metavar="<minor>")
+    p = command("transition-to-incremental", transition_to_incremental,
+                "drop the snapshot, keep tracking which blocks change (state 2)")
+    p.add_argument("minor", metavar="<minor>")
+    p = command("transition-to-snapshot", transition_to_snapshot,
+                "take the next snapshot into a new <cow file>; the old one keeps the list "
+                "of blocks changed between the two snapshots")
+    fallocate(p)
+    p.add_argument("cow_file", metavar="<cow file>")
+    p.add_argument("minor", metavar="<minor>")
+    p = command("destroy", destroy, "stop tracking, remove the snapshot, unlink the COW file")
+    p.add_argument("minor", metavar="<minor>")
+    p = command("reconfigure", reconfigure, "change the index cache limit of a minor, live")
+    cache(p)
+    p.add_argument("minor", metavar="<minor>")
+    p = command("info", info, "print the state of every minor (or one) as JSON")
+    p.add_argument("minor", metavar="<minor>", nargs="?")
+    command("get-free-minor", get_free_minor, "print the lowest minor not in use")
+    command("help", show_help, "show this help")
+    return parser
+
+
+def _socket(args: argparse.Namespace) -> str:
+    return os.path.join(args.run_dir, CTL_SOCKET)
+
+
+def _device(args: argparse.Namespace) -> dict[str, Any]:
+    raw = args.block_device
+    return {"block_device": raw, "block_device_path": os.path.abspath(raw)}
+
+
+def _opts(args: argparse.Namespace, *names: str) -> dict[str, Any]:
+    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+
+
+def setup_snapshot(args: argparse.Namespace) -> None:
+    request(_socket(args), "setup-snapshot", **_device(args), minor=args.minor,
+            cow_file=os.path.abspath(args.cow_file), **_opts(args, "cache_mb", "fallocate_mb"))
+
+
+def reload(args: argparse.Namespace) -> None:
+    request(_socket(args), args.command, **_device(args), minor=args.minor,
+            cow_file=os.path.abspath(args.cow_file), **_opts(args, "cache_mb"))
+
+
+def transition_to_incremental(args: argparse.Namespace) -> None:
+    request(_socket(args), "transition-to-incremental", minor=args.minor)
+
+
+def transition_to_snapshot(args: argparse.Namespace) -> None:
+    request(_socket(args), "transition-to-snapshot", minor=args.minor,
+            cow_file=os.path.abspath(args.cow_file), **_opts(args, "fallocate_mb"))
+
+
+def destroy(args: argparse.Namespace) -> None:
+    request(_socket(args), "destroy", minor=args.minor)
+
+
+def reconfigure(args: argparse.Namespace) -> None:
+    request(_socket(args), "reconfigure", minor=args.minor, **_opts(args, "cache_mb"))
+
+
+def info(args: argparse.Namespace) -> None:
+    print(json.dumps(request(_socket(args), "info", **_opts(args, "minor")), indent=4))
+
+
+def get_free_minor(args: argparse.Namespace) -> None:
+    print(request(_socket(args), "get-free-minor"))
+
+
+def show_help(args: argparse.Namespace) -> None:
+    build_parser().print_help()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as e:
+        print(f"elioctl: {e.command}: {os.strerror(errno.EINVAL)}: {e} (see 'elioctl help')",
+              file=sys.stderr)
+        return errno.EINVAL
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return errno.EINVAL
+    try:
+        args.func(args)
+    except SnapError as e:
+        print(f"elioctl: {args.command}: {e}", file=sys.stderr)
+        return e.errno
+    except KeyboardInterrupt:
+        return errno.EINTR
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

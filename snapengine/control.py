@@ -1,0 +1,244 @@
+"""The control protocol: JSON lines over the Unix socket ``RUN/ctl.sock``.
+
+One request per line, one response per line (docs/control-protocol.md)::
+
+    -> {"op": "setup-snapshot", "minor": "4", "block_device": "/srv/disk0.img", ...}
+    <- {"ok": true, "result": null}
+    <- {"ok": false, "errno": 16, "message": "Device or resource busy: minor 4 is ..."}
+
+The server checks the peer (SO_PEERCRED: root or the daemon's uid), the size of a
+request, its JSON, its op and the type of every field, and gives each connection a
+deadline. Anything wrong is answered with EINVAL (or EACCES for a stranger) and never
+reaches the engine; the server never dies of a request.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import socket
+import struct
+import threading
+from typing import Any, Callable
+
+from .errors import SnapError
+
+log = logging.getLogger(__name__)
+
+MAX_REQUEST = 64 * 1024  # bytes in one request line
+CONN_TIMEOUT = 30.0  # seconds a client may take to send a request
+MAX_CONNECTIONS = 64  # connections served at once; more are refused with EAGAIN
+MAX_DEPTH = 4  # JSON nesting a request may have
+
+STR = (str,)
+MINOR = (str, int)  # the engine checks "not a number" itself, with EINVAL
+OPT_MB = (str, int, type(None))
+
+# op -> (engine method name, {field: accepted types}, required fields)
+OPS: dict[str, tuple[str, dict[str, tuple], tuple[str, ...]]] = {
+    "setup-snapshot": ("setup_snapshot", {"block_device": STR, "block_device_path": STR,
+                                          "cow_file": STR, "minor": MINOR,
+                                          "cache_mb": OPT_MB, "fallocate_mb": OPT_MB},
+                       ("block_device", "cow_file", "minor")),
+    "reload-snapshot": ("reload_snapshot", {"block_device": STR, "block_device_path": STR,
+                                            "cow_file": STR, "minor": MINOR, "cache_mb": OPT_MB},
+                        ("block_device", "cow_file", "minor")),
+    "reload-incremental": ("reload_incremental", {"block_device": STR, "block_device_path": STR,
+                                                  "cow_file": STR, "minor": MINOR,
+                                                  "cache_mb": OPT_MB},
+                           ("block_device", "cow_file", "minor")),
+    "transition-to-incremental": ("transition_to_incremental", {"minor": MINOR}, ("minor",)),
+    "transition-to-snapshot": ("transition_to_snapshot", {"cow_file": STR, "minor": MINOR,
+                                                          "fallocate_mb": OPT_MB},
+                               ("cow_file", "minor")),
+    "destroy": ("destroy", {"minor": MINOR}, ("minor",)),
+    "reconfigure": ("reconfigure", {"minor": MINOR, "cache_mb": OPT_MB}, ("minor",)),
+    "info": ("info", {"minor": MINOR + (type(None),)}, ()),
+    "get-free-minor": ("get_free_minor", {}, ()),
+}
+
+
+def _depth(value: Any, level: int = 0) -> int:
+    if level > MAX_DEPTH:
+        return level
+    if isinstance(value, dict):
+        return max([_depth(v, level + 1) for v in value.values()], default=level + 1)
+    if isinstance(value, list):
+        return max([_depth(v, level + 1) for v in value], default=level + 1)
+    return level
+
+
+def parse_request(line: bytes) -> tuple[str, dict[str, Any]]:
+    """Check one request line against the schema; return (op, arguments)."""
+    try:
+        req = json.loads(line)
+    except (ValueError, RecursionError) as e:
+        raise SnapError(errno.EINVAL, f"request is not JSON: {str(e)[:100]}")
+    if not isinstance(req, dict) or _depth(req) > 2:
+        raise SnapError(errno.EINVAL, "request must be a flat JSON object")
+    op = req.pop("op", None)
+    if not isinstance(op, str) or op not in OPS:
+        raise SnapError(errno.EINVAL, f"unknown op {str(op)[:64]!r}")
+    _, fields, required = OPS[op]
+    for key, value in req.items():
+        if key not in fields:
+            raise SnapError(errno.EINVAL, f"{op}: unknown field {key[:64]!r}")
+        if isinstance(value, bool) or not isinstance(value, fields[key]):
+            raise SnapError(errno.EINVAL, f"{op}: field {key!r} has the wrong type")
+        if isinstance(value, str) and (len(value) > 4096 or "\0" in value):
+            raise SnapError(errno.EINVAL, f"{op}: field {key!r} is not a valid string")
+    for key in required:
+        if key not in req:
+            raise SnapError(errno.EINVAL, f"{op}: field {key!r} is missing")
+    return op, req
+
+
+def peer_uid(conn: socket.socket) -> int:
+    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", creds)[1]
+
+
+class ControlServer:
+    """Serves control requests for ``engine`` on a Unix socket, one thread per client."""
+
+    def __init__(self, engine: Any, path: str) -> None:
+        self.engine = engine
+        self.path = path
+        self._sock: socket.socket | None = None
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+
+    def start(self) -> None:
+        remove_stale_socket(self.path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(self.path)
+            os.chmod(self.path, 0o600)
+            sock.listen(32)
+        except BaseException:
+            sock.close()
+            raise
+        self._sock = sock
+        self._thread = threading.Thread(target=self._accept_loop, name="control", daemon=True)
+        self._thread.start()
+        log.info("control socket %s ready", self.path)
+
+    def stop(self) -> None:
+        self._stopping = True
+        if self._sock is not None:
+            try:
+                self._sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            self._sock.close()
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+    def _accept_loop(self) -> None:
+        assert self._sock is not None
+        while not self._stopping:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                if self._stopping:
+                    return
+                continue
+            if not self._slots.acquire(blocking=False):
+                self._refuse(conn, SnapError(errno.EAGAIN, "too many control connections"))
+                continue
+            threading.Thread(target=self._serve, args=(conn,), name="control-client",
+                             daemon=True).start()
+
+    def _refuse(self, conn: socket.socket, e: SnapError) -> None:
+        try:
+            conn.settimeout(1.0)
+            conn.sendall(encode_error(e))
+        except OSError:
+            pass
+        conn.close()
+
+    def _serve(self, conn: socket.socket) -> None:
+        try:
+            conn.settimeout(CONN_TIMEOUT)
+            uid = peer_uid(conn)
+            if uid not in (0, os.getuid()):
+                log.warning("control: refused a client with uid %d", uid)
+                conn.sendall(encode_error(SnapError(errno.EACCES, f"uid {uid} may not control "
+                                                    "snapengine (root or the daemon's user only)")))
+                return
+            reader = conn.makefile("rb")
+            while True:
+                line = reader.readline(MAX_REQUEST + 1)
+                if not line:
+                    return
+                if len(line) > MAX_REQUEST or not line.endswith(b"\n"):
+                    conn.sendall(encode_error(SnapError(errno.EINVAL, "request too long")))
+                    return
+                conn.sendall(self.handle(line))
+        except OSError:
+            pass  # the client went away or timed out
+        finally:
+            conn.close()
+            self._slots.release()
+
+    def handle(self, line: bytes) -> bytes:
+        """Answer one request line; never raises."""
+        try:
+            op, args = parse_request(line)
+            method: Callable[..., Any] = getattr(self.engine, OPS[op][0])
+            result = method(**args)
+            return json.dumps({"ok": True, "result": result}).encode() + b"\n"
+        except SnapError as e:
+            return encode_error(e)
+        except Exception as e:  # a bug: say so, keep serving
+            log.exception("control request failed")
+            return encode_error(SnapError(errno.EIO, f"internal error: {type(e).__name__}: {e}"))
+
+
+def encode_error(e: SnapError) -> bytes:
+    return json.dumps({"ok": False, "errno": e.errno, "message": e.detail}).encode() + b"\n"
+
+
+def remove_stale_socket(path: str) -> None:
+    """Remove a socket left by a killed daemon; refuse if a live one answers on it."""
+    if not os.path.exists(path):
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError:
+        os.unlink(path)
+        return
+    finally:
+        probe.close()
+    raise SnapError(errno.EADDRINUSE, f"{path}: another daemon is already listening there")
+
+
+def request(path: str, op: str, **args: Any) -> Any:
+    """Send one request to the daemon at ``path``; return its result or raise SnapError."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(CONN_TIMEOUT * 4)
+        try:
+            sock.connect(path)
+        except FileNotFoundError:
+            raise SnapError(errno.ENOENT, f"no daemon socket at {path}; start the daemon "
+                            "with `snapengine serve` (or `make run`)")
+        except OSError as e:
+            raise SnapError(e.errno or errno.ECONNREFUSED, f"cannot reach the daemon at {path} "
+                            f"({e.strerror}); start it with `snapengine serve`")
+        sock.sendall(json.dumps({"op": op, **args}).encode() + b"\n")
+        line = sock.makefile("rb").readline(16 * MAX_REQUEST)
+    finally:
+        sock.close()
+    if not line:
+        raise SnapError(errno.ECONNRESET, f"the daemon at {path} closed the connection")
+    reply = json.loads(line)
+    if reply.get("ok"):
+        return reply.get("result")
+    raise SnapError(int(reply.get("errno") or errno.EIO), str(reply.get("message")))

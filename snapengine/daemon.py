@@ -1,0 +1,108 @@
+"""The daemon inside nbdkit: configuration, the engine, and the threads around it.
+
+nbdkit drives it through nbd_plugin.py, in this order: ``configure`` for each
+key=value, ``check`` (config_complete), ``start`` (get_ready: origins opened, minors
+resumed, before any socket accepts), ``start_threads`` (after_fork: control socket,
+info refresher, TCP relay), ``stop`` (cleanup: clean shutdown).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import sys
+import threading
+from typing import Any
+
+from .control import ControlServer
+from .engine import (DEFAULT_CACHE_MB, DEFAULT_FALLOCATE_PERCENT, DEFAULT_MAX_MINORS, Engine)
+from .errors import SnapError
+from .relay import TcpRelay, parse_hostport
+
+log = logging.getLogger(__name__)
+
+INFO_REFRESH = 0.5  # seconds between checks of the counters in the info file
+LOG_FORMAT = "%(asctime)s %(levelname)s (%(threadName)s) [%(name)s] %(message)s"
+KEYS = ("run_dir", "origins", "max_minors", "cache_default", "fallocate_percent", "tcp",
+        "log", "verbose")
+
+
+def setup_logging(verbose: bool, log_file: str | None) -> None:
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if log_file:
+        handlers.append(logging.FileHandler(log_file))
+    for h in handlers:
+        h.setFormatter(logging.Formatter(LOG_FORMAT))
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=handlers,
+                        force=True)
+
+
+class Daemon:
+    def __init__(self) -> None:
+        self.params: dict[str, str] = {}
+        self.engine: Engine | None = None
+        self.control: ControlServer | None = None
+        self.relay: TcpRelay | None = None
+        self._stop = threading.Event()
+
+    def configure(self, key: str, value: str) -> None:
+        if key not in KEYS:
+            raise SnapError(errno.EINVAL, f"unknown parameter {key!r} (known: {', '.join(KEYS)})")
+        self.params[key] = value
+
+    def check(self) -> None:
+        if "run_dir" not in self.params:
+            raise SnapError(errno.EINVAL, "run_dir=DIR is required")
+        setup_logging(self.params.get("verbose") == "1", self.params.get("log"))
+
+    def _origins(self) -> list[tuple[str, str]]:
+        try:
+            origins = json.loads(self.params.get("origins", "[]"))
+            return [(os.path.abspath(path), name) for path, name in origins]
+        except (ValueError, TypeError) as e:
+            raise SnapError(errno.EINVAL, f"origins= must be a JSON list of [path, name]: {e}")
+
+    def start(self) -> None:
+        p: dict[str, Any] = self.params
+        run_dir = os.path.abspath(p["run_dir"])
+        self.engine = Engine(run_dir, self._origins(),
+                             max_minors=int(p.get("max_minors", DEFAULT_MAX_MINORS)),
+                             cache_default_mb=int(p.get("cache_default", DEFAULT_CACHE_MB)),
+                             fallocate_percent=float(p.get("fallocate_percent",
+                                                           DEFAULT_FALLOCATE_PERCENT)))
+        self.engine.start()
+        log.info("snapengine ready: %d origins, %d minors resumed, run dir %s",
+                 len(self.engine.origins), len(self.engine.minors), run_dir)
+
+    def start_threads(self) -> None:
+        assert self.engine is not None
+        run_dir = self.engine.run_dir
+        self.control = ControlServer(self.engine, os.path.join(run_dir, "ctl.sock"))
+        self.control.start()
+        threading.Thread(target=self._refresh_info, name="info", daemon=True).start()
+        if self.params.get("tcp"):
+            host, port = parse_hostport(self.params["tcp"])
+            self.relay = TcpRelay(host, port, os.path.join(run_dir, "nbd.sock"))
+            self.relay.start()
+            log.warning("unauthenticated NBD listener on %s:%d", host, port)
+
+    def _refresh_info(self) -> None:
+        """Keep the info file's counters at most a second stale."""
+        while not self._stop.wait(INFO_REFRESH):
+            try:
+                assert self.engine is not None
+                self.engine.publish()
+            except Exception:
+                log.exception("cannot refresh the info file")
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self.relay is not None:
+            self.relay.stop()
+        if self.control is not None:
+            self.control.stop()
+        if self.engine is not None:
+            self.engine.close()
+            log.info("snapengine stopped cleanly")

@@ -1,0 +1,502 @@
+"""The engine: origins, minors, exports, and every control operation on them.
+
+Design notes
+------------
+* Data path: an origin export's writes go to ``Origin`` (origin.py), which asks the
+  minor's tracker (tracker.py) to save or record the blocks first. Snapshot exports
+  read through ``SnapshotTracker.read``. The engine is not on that path.
+* Control path: one lock (``_lock``) serializes control operations, client attach
+  and detach, and the info file. The data path never takes it: a tracker that fails
+  records the failure in its own COW header and sets ``dirty``; the info refresher
+  publishes it within a second.
+* A control operation that changes what writes do (setup, both transitions, destroy)
+  swaps ``origin.tracker`` with the origin's write gate closed, so every write lands
+  wholly before or wholly after the switch.
+* A sub-command that fails changes nothing: the new COW file, if one was created, is
+  unlinked; trackers and minors are only installed once everything else succeeded.
+* Every header write happens with the gate closed or with no client, except the one
+  recording a failure (cowfile serializes header writes).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import threading
+import uuid as uuidlib
+from typing import Any
+
+from . import __version__
+from .cowfile import CowFile, Header, boot_id
+from .errors import SnapError
+from .fileio import FileIO
+from .minor import EXPORT_PREFIX, INCREMENTAL, SNAPSHOT, Minor
+from .origin import Origin, open_exclusive
+from .registry import Registry
+from .tracker import CowTracker, IncrementalTracker, SnapshotTracker
+from .units import BLOCK_SIZE, MB, MiB, align_up
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_MINORS = 24
+MAX_MINORS_LIMIT = 256  # minors are 0..255 at most
+DEFAULT_CACHE_MB = 300
+DEFAULT_FALLOCATE_PERCENT = 10
+INFO_FILE = "elastio-snap-info"
+REGISTRY_FILE = "registry.json"
+
+
+class OriginExport:
+    """One NBD connection to an origin: read-write, every change tracked."""
+
+    def __init__(self, engine: "Engine", origin: Origin, readonly: bool) -> None:
+        self.engine = engine
+        self.origin = origin
+        self.size = origin.size
+        self.writable = not readonly
+        self.pread = origin.pread
+        self.pwrite = origin.pwrite
+        self.zero = origin.zero
+        self.trim = origin.trim
+        self.flush = origin.flush
+
+    def close(self) -> None:
+        self.engine.detach(self.origin)
+
+
+class SnapshotExport:
+    """One NBD connection to ``elastio-snapN``: the read-only point-in-time image."""
+
+    writable = False
+
+    def __init__(self, tracker: SnapshotTracker, size: int) -> None:
+        self.size = size
+        self.pread = tracker.read
+
+    def pwrite(self, buf, offset: int, fua: bool) -> None:
+        raise SnapError(errno.EPERM, "snapshot exports are read-only")
+
+    def zero(self, length: int, offset: int, may_trim: bool, fua: bool) -> None:
+        self.pwrite(b"", offset, fua)
+
+    def trim(self, length: int, offset: int, fua: bool) -> None:
+        self.pwrite(b"", offset, fua)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class Engine:
+    """Everything the daemon serves. Use as a context manager, or start()/close()."""
+
+    def __init__(self, run_dir: str, origins: list[tuple[str, str]], *,
+                 max_minors: int = DEFAULT_MAX_MINORS, cache_default_mb: int = DEFAULT_CACHE_MB,
+                 fallocate_percent: float = DEFAULT_FALLOCATE_PERCENT,
+                 opener=FileIO.open) -> None:
+        if not 1 <= max_minors <= MAX_MINORS_LIMIT:
+            raise SnapError(errno.EINVAL, f"--max-minors {max_minors} is not in 1..{MAX_MINORS_LIMIT}")
+        if not 0 < fallocate_percent <= 100:
+            raise SnapError(errno.EINVAL, f"--fallocate-percent {fallocate_percent} is not in (0, 100]")
+        if cache_default_mb <= 0:
+            raise SnapError(errno.EINVAL, f"--cache-default {cache_default_mb} MB is not positive")
+        self.run_dir = run_dir
+        self.max_minors = max_minors
+        self.cache_default = cache_default_mb * MB
+        self.fallocate_percent = fallocate_percent
+        self.opener = opener
+        self.origin_specs = origins
+        self.origins: dict[str, Origin] = {}
+        self.minors: dict[int, Minor] = {}
+        self.registry = Registry(os.path.join(run_dir, REGISTRY_FILE))
+        self.info_path = os.path.join(run_dir, INFO_FILE)
+        self.dirty = threading.Event()  # info is stale (set from the data path)
+        self._lock = threading.RLock()
+        self._published = ""
+
+    # -- life cycle -----------------------------------------------------------------
+    def __enter__(self) -> "Engine":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def start(self) -> None:
+        """Open every origin and resume every registered minor; no client yet."""
+        try:
+            for path, name in self.origin_specs:
+                if name in self.origins:
+                    raise SnapError(errno.EINVAL, f"two origins named {name!r}")
+                self.origins[name] = Origin(path, name, open_exclusive(path, self.opener))
+            for entry in self.registry.load():
+                self._restore(entry)
+            self.publish()
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Clean shutdown: every COW file synced and marked clean, origins closed."""
+        with self._lock:
+            for m in list(self.minors.values()):
+                self._close_tracker(m, m.tracker)
+            for origin in self.origins.values():
+                origin.close()
+            self.origins.clear()
+            self.minors.clear()
+            try:
+                os.unlink(self.info_path)
+            except FileNotFoundError:
+                pass
+
+    def _close_tracker(self, m: Minor, tracker: CowTracker | None) -> None:
+        """Take ``tracker`` off the origin, close its COW file cleanly, keep the errors."""
+        if tracker is None:
+            return
+        origin = m.origin
+        with origin.gate.closed():
+            if origin.tracker is tracker:
+                origin.tracker = None
+        tracker.quiesce()
+        try:
+            tracker.checkpoint(clean=True)
+        except OSError as e:
+            log.error("minor %d: cannot close %s cleanly: %s", m.number, tracker.cow.path, e)
+        tracker.cow.close()
+
+    # -- exports --------------------------------------------------------------------
+    def export_list(self) -> list[tuple[str, str]]:
+        with self._lock:
+            out = [(o.name, f"origin {o.path}") for o in self.origins.values()]
+            for m in sorted(self.minors.values(), key=lambda m: m.number):
+                if m.snapshot is not None:
+                    out.append((m.export_name, f"snapshot of {m.origin.path} (minor {m.number})"))
+            return out
+
+    def open_export(self, name: str, readonly: bool) -> OriginExport | SnapshotExport:
+        with self._lock:
+            origin = self.origins.get(name)
+            if origin is not None:
+                self.attach(origin)
+                return OriginExport(self, origin, readonly)
+            m = self._snapshot_minor(name)
+            if m is None or m.snapshot is None:
+                raise SnapError(errno.ENOENT, f"no export named {name!r}")
+            return SnapshotExport(m.snapshot, m.origin.size)
+
+    def _snapshot_minor(self, name: str) -> Minor | None:
+        digits = name[len(EXPORT_PREFIX):]
+        if not name.startswith(EXPORT_PREFIX) or not digits.isdecimal() or \
+                not digits.isascii() or str(int(digits)) != digits:
+            return None
+        return self.minors.get(int(digits))
+
+    def attach(self, origin: Origin) -> None:
+        """A client connected to ``origin``: a dormant minor becomes active."""
+        with self._lock:
+            origin.clients += 1
+            m = self._minor_of(origin)
+            if m is None or m.active or not m.verified:
+                return
+            if m.tracker is not None and not m.error:
+                with origin.gate.closed():
+                    m.tracker.checkpoint(clean=False)
+            m.active = True
+            log.info("minor %d: active (state %d)", m.number, m.state)
+            self.publish()
+
+    def detach(self, origin: Origin) -> None:
+        """A client left ``origin``: after the last one the minor goes dormant."""
+        with self._lock:
+            origin.clients -= 1
+            m = self._minor_of(origin)
+            if origin.clients or m is None or not m.active or not m.verified:
+                return
+            if m.tracker is not None and not m.error:
+                with origin.gate.closed():
+                    m.tracker.checkpoint(clean=True)
+            m.active = False
+            log.info("minor %d: dormant (state %d), %s closed cleanly", m.number, m.state,
+                     m.cow_path)
+            self.publish()
+
+    def _minor_of(self, origin: Origin) -> Minor | None:
+        return self.minors.get(origin.minor) if origin.minor is not None else None
+
+    # -- control operations -------------------------------------------------------------
+    def setup_snapshot(self, block_device: str, cow_file: str, minor: Any,
+                       cache_mb: Any = None, fallocate_mb: Any = None,
+                       block_device_path: str | None = None) -> None:
+        n = self._minor_number(minor)
+        cache = self._cache_bytes(cache_mb)
+        with self._lock:
+            if n in self.minors:
+                raise SnapError(errno.EBUSY, f"minor {n} is already in use "
+                                f"({self.minors[n].cow_path})")
+            origin = self._find_origin(block_device, block_device_path)
+            if origin.minor is not None:
+                raise SnapError(errno.EBUSY, f"origin {origin.path} is already tracked "
+                                f"by minor {origin.minor}")
+            path = self._check_new_cow(cow_file)
+            fallocate = self._fallocate_bytes(fallocate_mb, origin)
+            header = Header(origin.size, uuidlib.uuid4().bytes, 1, fallocate, boot_id=boot_id())
+            m = Minor(n, origin, path, SNAPSHOT, cache, fallocate)
+            self._install(m, SnapshotTracker, self._create_cow(path, header))
+            log.info("minor %d: snapshot of %s set up, COW file %s, limit %d bytes",
+                     n, origin.path, path, fallocate)
+
+    def transition_to_incremental(self, minor: Any) -> None:
+        n = self._minor_number(minor)
+        with self._lock:
+            m = self._get(n)
+            if m.mode == INCREMENTAL:
+                raise SnapError(errno.EINVAL, f"minor {n} is already in incremental mode")
+            m.require_healthy("transition-to-incremental")
+            old = m.tracker
+            assert isinstance(old, SnapshotTracker)
+            origin = m.origin
+            m.mode = INCREMENTAL
+            try:
+                self._save_registry(self.minors)
+            except BaseException:
+                m.mode = SNAPSHOT
+                raise
+            with origin.gate.closed():
+                old.quiesce()
+                try:
+                    old.become_incremental(clean=not m.active)
+                except OSError as e:  # the COW file cannot be written: the minor fails
+                    old.fail(e)
+                    m.mode = SNAPSHOT
+                    self._save_registry(self.minors)
+                    raise
+                new = IncrementalTracker(old.cow, origin.io, m.max_cache, self._tracker_failed)
+                origin.tracker = m.tracker = new
+            self.publish()
+            log.info("minor %d: incremental (state %d), %d blocks changed so far, data of "
+                     "%s released", n, m.state, new.nr_changed, m.cow_path)
+
+    def transition_to_snapshot(self, cow_file: str, minor: Any, fallocate_mb: Any = None) -> None:
+        n = self._minor_number(minor)
+        with self._lock:
+            m = self._get(n)
+            if m.mode != INCREMENTAL:
+                raise SnapError(errno.EINVAL, f"minor {n} is not in incremental mode")
+            m.require_healthy("transition-to-snapshot")
+            path = self._check_new_cow(cow_file)
+            old = m.tracker
+            assert old is not None
+            fallocate = self._fallocate_bytes(fallocate_mb, m.origin)
+            h = old.cow.header
+            header = Header(h.origin_size, h.uuid, h.seq_id + 1, fallocate, boot_id=boot_id())
+            cow = self._create_cow(path, header)
+            old_path = m.cow_path
+            m.cow_path, m.fallocate, m.mode = path, fallocate, SNAPSHOT
+            try:
+                self._install(m, SnapshotTracker, cow, replacing=old)
+            except BaseException:
+                m.cow_path, m.mode = old_path, INCREMENTAL
+                raise
+            self._close_tracker(m, old)
+            log.info("minor %d: snapshot seq_id %d in %s; %s closed with %d changed blocks",
+                     n, header.seq_id, path, old_path, old.nr_changed)
+
+    def destroy(self, minor: Any) -> None:
+        n = self._minor_number(minor)
+        with self._lock:
+            m = self._get(n)
+            if m.tracker is not None:
+                with m.origin.gate.closed():
+                    if m.origin.tracker is m.tracker:
+                        m.origin.tracker = None
+                m.tracker.quiesce()
+                m.tracker.cow.close()
+            try:
+                os.unlink(m.cow_path)
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                log.warning("minor %d: cannot unlink %s: %s", n, m.cow_path, e)
+            m.origin.minor = None
+            del self.minors[n]
+            self._save_registry(self.minors)
+            self.publish()
+            log.info("minor %d: destroyed, %s removed", n, m.cow_path)
+
+    def reconfigure(self, minor: Any, cache_mb: Any = None) -> None:
+        n = self._minor_number(minor)
+        cache = self._cache_bytes(cache_mb)
+        with self._lock:
+            m = self._get(n)
+            m.max_cache = cache
+            if m.tracker is not None:
+                m.tracker.resize_cache(cache)
+            self._save_registry(self.minors)
+            self.publish()
+            log.info("minor %d: index cache limit now %d bytes", n, cache)
+
+    def info(self, minor: Any = None) -> dict:
+        with self._lock:
+            if minor is None:
+                return self._info_doc()
+            return self._get(self._minor_number(minor)).info()
+
+    def get_free_minor(self) -> int:
+        with self._lock:
+            for n in range(self.max_minors):
+                if n not in self.minors:
+                    return n
+            raise SnapError(errno.ENOENT, f"all {self.max_minors} minors are in use")
+
+    # -- helpers of the control operations -------------------------------------------------
+    def _install(self, m: Minor, kind: type[CowTracker], cow: CowFile,
+                 replacing: CowTracker | None = None) -> None:
+        """Put a new tracker on ``m``'s origin, replacing ``replacing``.
+
+        Everything that can fail happens before the swap (and then removes the new COW
+        file); from the swap on, writes go to the new tracker and nothing is undone."""
+        try:
+            tracker = kind(cow, m.origin.io, m.max_cache, self._tracker_failed)
+            if not m.active:
+                tracker.checkpoint(clean=True)
+            m.tracker = tracker
+            self._save_registry({**self.minors, m.number: m})
+        except BaseException:
+            m.tracker = replacing
+            cow.close()
+            os.unlink(cow.path)
+            raise
+        with m.origin.gate.closed():
+            m.origin.tracker = tracker
+        m.origin.minor = m.number
+        self.minors[m.number] = m
+        self.publish()
+
+    def _create_cow(self, path: str, header: Header) -> CowFile:
+        try:
+            return CowFile.create(path, header, self.opener)
+        except FileExistsError:
+            raise SnapError(errno.EEXIST, f"{path} already exists; a COW file is never overwritten")
+        except OSError as e:
+            if isinstance(e, SnapError):
+                raise
+            raise SnapError(e.errno or errno.EIO, f"cannot create COW file {path}: {e.strerror}")
+
+    def _tracker_failed(self, tracker: CowTracker) -> None:
+        self.dirty.set()  # never takes _lock: called from the data path
+
+    def _minor_number(self, minor: Any) -> int:
+        if isinstance(minor, str) and minor.isdecimal() and minor.isascii():
+            minor = int(minor)
+        if isinstance(minor, bool) or not isinstance(minor, int):
+            raise SnapError(errno.EINVAL, f"minor {minor!r} is not a number")
+        if not 0 <= minor < self.max_minors:
+            raise SnapError(errno.EINVAL, f"minor {minor} is out of range "
+                            f"0..{self.max_minors - 1}")
+        return minor
+
+    def _get(self, n: int) -> Minor:
+        m = self.minors.get(n)
+        if m is None:
+            raise SnapError(errno.ENOENT, f"minor {n} is not set up")
+        return m
+
+    @staticmethod
+    def _megabytes(value: Any, option: str) -> int:
+        if value is None:
+            return 0
+        if isinstance(value, str) and value.lstrip("-").isdecimal():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise SnapError(errno.EINVAL, f"{option} {value!r} is not a whole number of MB")
+        if value < 0:
+            raise SnapError(errno.EINVAL, f"{option} {value} MB is below 1 MB")
+        return value
+
+    def _cache_bytes(self, cache_mb: Any) -> int:
+        mb = self._megabytes(cache_mb, "-c")
+        return mb * MB if mb else self.cache_default
+
+    def _fallocate_bytes(self, fallocate_mb: Any, origin: Origin) -> int:
+        mb = self._megabytes(fallocate_mb, "-f")
+        if mb:
+            return mb * MB
+        return align_up(max(MiB, int(origin.size * self.fallocate_percent / 100)), BLOCK_SIZE)
+
+    def _find_origin(self, spec: Any, path: str | None = None) -> Origin:
+        """The origin named ``spec`` (a NAME or PATH as served), or the one at ``path``
+        (``spec`` made absolute by the client, whose cwd is not ours)."""
+        if not isinstance(spec, str) or not spec:
+            raise SnapError(errno.EINVAL, f"block device {spec!r} is not a path or export name")
+        for origin in self.origins.values():
+            if spec in (origin.name, origin.path):
+                return origin
+        path = path or os.path.abspath(spec)
+        if os.path.isdir(path):
+            raise SnapError(errno.ENOTBLK, f"{spec} is a directory, not a block device")
+        real = os.path.realpath(path)
+        for origin in self.origins.values():
+            if origin.real_path == real:
+                return origin
+        names = ", ".join(o.name for o in self.origins.values()) or "none"
+        raise SnapError(errno.ENODEV, f"{spec} is not served by this daemon (origins: {names})")
+
+    def _check_new_cow(self, cow_file: Any) -> str:
+        if not isinstance(cow_file, str) or not cow_file or "\0" in cow_file:
+            raise SnapError(errno.EINVAL, f"COW file {cow_file!r} is not a path")
+        path = os.path.abspath(cow_file)
+        if os.path.isdir(path):
+            raise SnapError(errno.EISDIR, f"COW file {path} is a directory")
+        parent = os.path.dirname(path)
+        if not os.path.exists(parent):
+            raise SnapError(errno.ENOENT, f"directory {parent} of COW file {path} does not exist")
+        if not os.path.isdir(parent):
+            raise SnapError(errno.ENOTDIR, f"{parent} (parent of COW file {path}) is not a directory")
+        real = os.path.realpath(path)
+        for origin in self.origins.values():
+            if origin.real_path == real:
+                raise SnapError(errno.EINVAL, f"COW file {path} is the backing file of "
+                                f"origin {origin.name}")
+        if os.path.lexists(path):
+            raise SnapError(errno.EEXIST, f"{path} already exists; a COW file is never overwritten")
+        return path
+
+    # -- persistence and info -----------------------------------------------------------
+    def _restore(self, entry: dict) -> None:
+        raise SnapError(errno.ENOSYS, "restoring minors from the registry is not built yet")
+
+    def _save_registry(self, minors: dict[int, Minor]) -> None:
+        self.registry.save([self._registry_entry(minors[n]) for n in sorted(minors)])
+
+    @staticmethod
+    def _registry_entry(m: Minor) -> dict:
+        h = m.tracker.cow.header if m.tracker is not None else None
+        return {"minor": m.number, "origin": m.origin.path, "cow_file": m.cow_path,
+                "mode": m.mode, "max_cache": m.max_cache, "fallocate": m.fallocate,
+                "uuid": h.uuid.hex() if h else None, "seq_id": h.seq_id if h else None}
+
+    def _info_doc(self) -> dict:
+        return {"version": __version__,
+                "devices": [m.info() for m in sorted(self.minors.values(), key=lambda m: m.number)]}
+
+    def publish(self) -> None:
+        """Rewrite the info file (temp + rename) if its content changed."""
+        with self._lock:
+            self.dirty.clear()
+            text = json.dumps(self._info_doc(), indent=4) + "\n"
+            if text == self._published:
+                return
+            tmp = f"{self.info_path}.tmp"
+            try:
+                with open(tmp, "w") as f:
+                    f.write(text)
+                os.rename(tmp, self.info_path)
+            except OSError as e:  # info is a view; the operation itself succeeded
+                log.error("cannot write %s: %s", self.info_path, e)
+                return
+            self._published = text

@@ -1,0 +1,210 @@
+"""Positional file I/O: the one seam between the engine and the kernel.
+
+Every byte the engine reads or writes, on an origin or a COW file, goes through a
+``FileIO``. Tests replace it (``FaultyIO``, the power-cut recorder) to inject errors,
+short writes and crashes at exact points, without monkey-patching the engine.
+
+Thread-safety: methods are positional (pread/pwrite) and keep no file offset, so one
+``FileIO`` may be used from many threads at once.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import os
+import stat
+import struct
+
+from .errors import SnapError
+
+# fallocate(2) modes (linux/falloc.h)
+FALLOC_FL_KEEP_SIZE = 0x01  # do not change the file size
+FALLOC_FL_PUNCH_HOLE = 0x02  # deallocate; reads return zeroes
+FALLOC_FL_ZERO_RANGE = 0x10  # zero, keep the space allocated
+
+# block device ioctls (linux/fs.h)
+BLKGETSIZE64 = 0x80081272  # u64 size in bytes
+BLKDISCARD = 0x1277  # {start, length} u64 pair
+BLKZEROOUT = 0x127F  # {start, length} u64 pair
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_fallocate = _libc.fallocate
+_fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+_fallocate.restype = ctypes.c_int
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    if _fallocate(fd, mode, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+class FileIO:
+    """An open file or block device, with the few operations the engine needs."""
+
+    def __init__(self, fd: int, path: str) -> None:
+        self.fd = fd
+        self.path = path
+        st = os.fstat(fd)
+        self.is_block = stat.S_ISBLK(st.st_mode)
+        self._can_punch = True  # cleared once the filesystem says EOPNOTSUPP
+
+    @classmethod
+    def open(cls, path: str, flags: int, mode: int = 0o600) -> "FileIO":
+        fd = os.open(path, flags | os.O_CLOEXEC, mode)
+        try:
+            return cls(fd, path)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def size(self) -> int:
+        if self.is_block:
+            buf = fcntl.ioctl(self.fd, BLKGETSIZE64, b"\0" * 8)
+            return struct.unpack("<Q", buf)[0]
+        return os.fstat(self.fd).st_size
+
+    def pread_into(self, buf, offset: int) -> int:
+        """Fill ``buf`` from ``offset``; return the bytes read (short only at EOF)."""
+        done = os.preadv(self.fd, [buf], offset)
+        if done == len(buf) or done == 0:
+            return done
+        view = memoryview(buf).cast("B")
+        while done < len(view):
+            n = os.preadv(self.fd, [view[done:]], offset + done)
+            if n == 0:
+                break
+            done += n
+        return done
+
+    def pread(self, length: int, offset: int) -> bytes:
+        buf = bytearray(length)
+        n = self.pread_into(buf, offset)
+        return bytes(buf[:n])
+
+    def pwrite(self, buf, offset: int) -> None:
+        """Write all of ``buf`` at ``offset`` or raise."""
+        done = os.pwrite(self.fd, buf, offset)
+        if done == len(buf):
+            return
+        view = memoryview(buf).cast("B")
+        while done < len(view):
+            n = os.pwrite(self.fd, view[done:], offset + done)
+            if n <= 0:
+                raise OSError(errno.EIO, f"short write to {self.path} at offset {offset + done}")
+            done += n
+
+    def pwrite_dsync(self, buf, offset: int) -> None:
+        """Write and make durable before returning (NBD FUA)."""
+        view = memoryview(buf).cast("B")
+        n = os.pwritev(self.fd, [view], offset, os.RWF_DSYNC)
+        if n < len(view):
+            self.pwrite(view[n:], offset + n)
+            self.fdatasync()
+
+    def fsync(self) -> None:
+        os.fsync(self.fd)
+
+    def fdatasync(self) -> None:
+        os.fdatasync(self.fd)
+
+    def truncate(self, size: int) -> None:
+        os.ftruncate(self.fd, size)
+
+    def punch(self, offset: int, length: int) -> None:
+        """Deallocate a range; it reads back as zeroes afterwards."""
+        if length <= 0:
+            return
+        if self.is_block:
+            fcntl.ioctl(self.fd, BLKDISCARD, struct.pack("<QQ", offset, length))
+            return
+        self._fallocate_or_write_zeroes(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+
+    def zero(self, offset: int, length: int, may_trim: bool) -> None:
+        """Make a range read back as zeroes, deallocating it if ``may_trim``."""
+        if length <= 0:
+            return
+        if self.is_block:
+            fcntl.ioctl(self.fd, BLKZEROOUT, struct.pack("<QQ", offset, length))
+            return
+        mode = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE if may_trim else FALLOC_FL_ZERO_RANGE
+        self._fallocate_or_write_zeroes(mode, offset, length)
+
+    def _fallocate_or_write_zeroes(self, mode: int, offset: int, length: int) -> None:
+        if self._can_punch:
+            try:
+                fallocate(self.fd, mode, offset, length)
+                return
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
+                    raise
+                self._can_punch = False  # remember: this filesystem cannot
+        zeroes = bytes(min(length, 1 << 20))
+        end = offset + length
+        while offset < end:
+            n = min(len(zeroes), end - offset)
+            self.pwrite(memoryview(zeroes)[:n], offset)
+            offset += n
+
+    def data_extents(self, start: int, end: int):
+        """Yield (offset, length) of the ranges in [start, end) that may hold data.
+
+        Uses SEEK_DATA/SEEK_HOLE, so holes of a sparse file cost nothing; where the
+        filesystem cannot tell, the whole range is one extent.
+        """
+        offset = start
+        while offset < end:
+            try:
+                data = os.lseek(self.fd, offset, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno == errno.ENXIO:  # no data after offset
+                    return
+                if e.errno in (errno.EINVAL, errno.EOPNOTSUPP):
+                    yield offset, end - offset
+                    return
+                raise
+            if data >= end:
+                return
+            hole = min(os.lseek(self.fd, data, os.SEEK_HOLE), end)
+            yield data, hole - data
+            offset = hole
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            os.close(fd)
+
+
+def fsync_dir(path: str) -> None:
+    """fsync the directory holding ``path`` so a create, rename or unlink is durable."""
+    fd = os.open(os.path.dirname(os.path.abspath(path)) or "/", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str, data: bytes) -> None:
+    """Replace ``path`` with ``data``: temp file, fsync, rename, fsync of the directory."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        os.rename(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    fsync_dir(path)
+
+
+def check_io_error(e: OSError, what: str) -> SnapError:
+    """Turn a raw OSError from a COW or origin operation into a SnapError naming ``what``."""
+    if isinstance(e, SnapError):
+        return e
+    return SnapError(e.errno or errno.EIO, f"{what}: {e.strerror or e}")

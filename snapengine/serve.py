@@ -1,0 +1,229 @@
+"""``snapengine serve``: start the daemon, one nbdkit process running nbd_plugin.py."""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import importlib.util
+import json
+import os
+import shutil
+import site
+import socket
+import stat
+import subprocess
+import sys
+import time
+from typing import NoReturn
+
+from . import __version__
+from .cli import DEFAULT_RUN_DIR
+from .control import remove_stale_socket
+from .engine import DEFAULT_CACHE_MB, DEFAULT_FALLOCATE_PERCENT, DEFAULT_MAX_MINORS, MAX_MINORS_LIMIT
+from .errors import SnapError
+from .relay import parse_hostport
+
+DEFAULT_ORIGIN = "var/disk0.img"  # served when no --origin is given
+DEFAULT_ORIGIN_SIZE = 1 << 30  # 1 GiB, sparse
+NBDKIT_THREADS = 16  # requests in flight per connection
+START_TIMEOUT = 30.0  # seconds --daemon waits for the control socket
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        print(f"snapengine: {message} (see 'snapengine serve --help')", file=sys.stderr)
+        sys.exit(errno.EINVAL)
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="snapengine", description="snapengine: live point-in-time "
+                    "snapshots and changed-block tracking of block devices, over NBD.")
+    parser.add_argument("--version", action="version", version=f"snapengine {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="serve", parser_class=Parser)
+    p = sub.add_parser("serve", help="run the daemon", description=SERVE_HELP,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run-dir", default=os.environ.get("ELIO_RUN_DIR", DEFAULT_RUN_DIR),
+                   help="control socket, NBD socket, info file and registry "
+                   "(env ELIO_RUN_DIR, default %(default)s)")
+    p.add_argument("--origin", action="append", default=[], metavar="PATH[=NAME]",
+                   help="a file or block device to serve read-write, as export NAME "
+                   "(default: PATH as given); repeatable. Without any: " + DEFAULT_ORIGIN)
+    p.add_argument("--tcp", metavar="HOST:PORT",
+                   help="also listen on TCP (unauthenticated: anyone who reaches it can "
+                   "read and write the origins)")
+    p.add_argument("--max-minors", type=int, default=DEFAULT_MAX_MINORS, metavar="N",
+                   help="minors are 0..N-1 (default %(default)s, at most 256)")
+    p.add_argument("--cache-default", type=int, default=DEFAULT_CACHE_MB, metavar="MB",
+                   help="index cache limit when -c is not given (default %(default)s)")
+    p.add_argument("--fallocate-percent", type=float, default=DEFAULT_FALLOCATE_PERCENT,
+                   metavar="P", help="COW data limit when -f is not given, in percent of "
+                   "the origin (default %(default)s)")
+    p.add_argument("--daemon", action="store_true", help="detach once ready")
+    p.add_argument("--verbose", action="store_true", help="debug logging")
+    return parser
+
+
+SERVE_HELP = """\
+Serve the origins over NBD on RUN/nbd.sock, with change tracking, and accept
+elioctl commands on RUN/ctl.sock. Runs in the foreground until SIGTERM or
+SIGINT, which shut it down cleanly (every COW file synced and marked clean).
+
+Attach an origin as a block device:
+  nbd-client -unix RUN/nbd.sock -N NAME /dev/nbd0
+or, without the nbd kernel module:
+  nbdfuse MNT/disk 'nbd+unix:///NAME?socket=RUN/nbd.sock' &
+  losetup -f --show MNT/disk
+"""
+
+
+def project_root() -> str:
+    """The source checkout holding this package, or the current directory."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return root if os.path.exists(os.path.join(root, "pyproject.toml")) else os.getcwd()
+
+
+def parse_origin(spec: str) -> tuple[str, str]:
+    """PATH[=NAME] → (absolute path, export name)."""
+    path, name = spec, spec
+    if not os.path.exists(spec) and "=" in spec:
+        path, _, name = spec.rpartition("=")
+    if not path or not name:
+        raise SnapError(errno.EINVAL, f"--origin {spec!r} is not PATH[=NAME]")
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        raise SnapError(e.errno or errno.ENOENT, f"origin {path}: {e.strerror}")
+    if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+        raise SnapError(errno.ENOTBLK, f"origin {path} is not a regular file or block device")
+    if not os.access(path, os.R_OK | os.W_OK):
+        raise SnapError(errno.EACCES, f"origin {path} is not readable and writable")
+    return os.path.abspath(path), name
+
+
+def default_origin() -> tuple[str, str]:
+    path = os.path.join(project_root(), DEFAULT_ORIGIN)
+    if not os.path.exists(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            f.truncate(DEFAULT_ORIGIN_SIZE)
+    return path, DEFAULT_ORIGIN
+
+
+def plugin_path() -> str:
+    spec = importlib.util.find_spec("nbd_plugin")
+    if spec is None or spec.origin is None:
+        raise SnapError(errno.ENOENT, "nbd_plugin.py is not installed with snapengine")
+    return spec.origin
+
+
+def nbdkit_command(args: argparse.Namespace, origins: list[tuple[str, str]], run_dir: str) -> list[str]:
+    nbdkit = shutil.which("nbdkit")
+    if nbdkit is None:
+        raise SnapError(errno.ENOENT, "nbdkit is not installed (apt-get install nbdkit "
+                        "nbdkit-plugin-python, or `make setup`)")
+    cmd = [nbdkit, "-U", os.path.join(run_dir, "nbd.sock"), "-P",
+           os.path.join(run_dir, "nbdkit.pid"), "--threads", str(NBDKIT_THREADS)]
+    if not args.daemon:
+        cmd.append("-f")
+    cmd += ["python", plugin_path(), f"run_dir={run_dir}", f"origins={json.dumps(origins)}",
+            f"max_minors={args.max_minors}", f"cache_default={args.cache_default}",
+            f"fallocate_percent={args.fallocate_percent}", f"log={os.path.join(run_dir, 'daemon.log')}"]
+    if args.tcp:
+        cmd.append(f"tcp={args.tcp}")
+    if args.verbose:
+        cmd.append("verbose=1")
+    return cmd
+
+
+def plugin_environment() -> dict[str, str]:
+    """Let nbdkit's embedded /usr/bin/python3 import snapengine and the venv's packages."""
+    env = dict(os.environ)
+    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_parent, env.get("PYTHONPATH")]))
+    env["SNAPENGINE_SITE"] = os.pathsep.join(site.getsitepackages())
+    return env
+
+
+def check_options(args: argparse.Namespace) -> None:
+    if not 1 <= args.max_minors <= MAX_MINORS_LIMIT:
+        raise SnapError(errno.EINVAL, f"--max-minors {args.max_minors} is not in 1..{MAX_MINORS_LIMIT}")
+    if args.cache_default <= 0:
+        raise SnapError(errno.EINVAL, f"--cache-default {args.cache_default} is not positive")
+    if not 0 < args.fallocate_percent <= 100:
+        raise SnapError(errno.EINVAL, f"--fallocate-percent {args.fallocate_percent} is not in (0, 100]")
+    if args.tcp:
+        try:
+            parse_hostport(args.tcp)
+        except ValueError as e:
+            raise SnapError(errno.EINVAL, str(e))
+
+
+def wait_ready(run_dir: str, proc: subprocess.Popen | None) -> None:
+    ctl = os.path.join(run_dir, "ctl.sock")
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() not in (None, 0):
+            raise SnapError(errno.EIO, f"nbdkit exited with status {proc.returncode}; "
+                            f"see {os.path.join(run_dir, 'daemon.log')}")
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.connect(ctl)
+            return
+        except OSError:
+            time.sleep(0.1)
+        finally:
+            s.close()
+    raise SnapError(errno.ETIMEDOUT, f"the daemon did not open {ctl} within {START_TIMEOUT:.0f} s")
+
+
+def serve(args: argparse.Namespace) -> None:
+    check_options(args)
+    run_dir = os.path.abspath(args.run_dir)
+    os.makedirs(run_dir, mode=0o755, exist_ok=True)
+    origins = [parse_origin(spec) for spec in args.origin] or [default_origin()]
+    for sock in ("ctl.sock", "nbd.sock"):
+        remove_stale_socket(os.path.join(run_dir, sock))
+    cmd = nbdkit_command(args, origins, run_dir)
+    env = plugin_environment()
+    print(f"snapengine {__version__}: serving {', '.join(n for _, n in origins)} "
+          f"on {run_dir}/nbd.sock", file=sys.stderr)
+    if args.daemon:
+        proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL)
+        proc.wait()
+        wait_ready(run_dir, proc)
+        print(f"snapengine: daemon ready (log {run_dir}/daemon.log)", file=sys.stderr)
+        return
+    print(quick_start(run_dir, origins[0][1]), file=sys.stderr)
+    sys.stderr.flush()
+    os.execve(cmd[0], cmd, env)
+
+
+def quick_start(run_dir: str, name: str) -> str:
+    uri = f"nbd+unix:///{name}?socket={run_dir}/nbd.sock"
+    return f"""\
+Attach the origin as a block device (no nbd kernel module needed):
+  mkdir -p /mnt/se && nbdfuse /mnt/se/disk '{uri}' &
+  losetup -f --show /mnt/se/disk          # prints /dev/loopN: mkfs, mount, use it
+Take a first snapshot and read it:
+  .venv/bin/elioctl --run-dir {run_dir} setup-snapshot {name} /var/tmp/cow1 0
+  nbdcopy 'nbd+unix:///elastio-snap0?socket={run_dir}/nbd.sock' /var/tmp/backup.img
+Stop with Ctrl-C (clean shutdown)."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command != "serve":
+        build_parser().print_help(sys.stderr)
+        return errno.EINVAL
+    try:
+        serve(args)
+    except SnapError as e:
+        print(f"snapengine: serve: {e}", file=sys.stderr)
+        return e.errno
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
