@@ -116,6 +116,12 @@ def _socket(args: argparse.Namespace) -> str:
     return os.path.join(args.run_dir, CTL_SOCKET)
 
 
+def _path(name: str) -> str:
+    """Absolute, for a daemon whose cwd is not ours; a trailing slash (a directory) kept."""
+    path = os.path.abspath(name)
+    return path + "/" if name.endswith("/") and path != "/" else path
+
+
 def _device(args: argparse.Namespace) -> dict[str, Any]:
     raw = args.block_device
     return {"block_device": raw, "block_device_path": os.path.abspath(raw)}
@@ -127,12 +133,12 @@ def _opts(args: argparse.Namespace, *names: str) -> dict[str, Any]:
 
 def setup_snapshot(args: argparse.Namespace) -> None:
     request(_socket(args), "setup-snapshot", **_device(args), minor=args.minor,
-            cow_file=os.path.abspath(args.cow_file), **_opts(args, "cache_mb", "fallocate_mb"))
+            cow_file=_path(args.cow_file), **_opts(args, "cache_mb", "fallocate_mb"))
 
 
 def reload(args: argparse.Namespace) -> None:
     request(_socket(args), args.command, **_device(args), minor=args.minor,
-            cow_file=os.path.abspath(args.cow_file), **_opts(args, "cache_mb"))
+            cow_file=_path(args.cow_file), **_opts(args, "cache_mb"))
 
 
 def transition_to_incremental(args: argparse.Namespace) -> None:
@@ -141,7 +147,7 @@ def transition_to_incremental(args: argparse.Namespace) -> None:
 
 def transition_to_snapshot(args: argparse.Namespace) -> None:
     request(_socket(args), "transition-to-snapshot", minor=args.minor,
-            cow_file=os.path.abspath(args.cow_file), **_opts(args, "fallocate_mb"))
+            cow_file=_path(args.cow_file), **_opts(args, "fallocate_mb"))
 
 
 def destroy(args: argparse.Namespace) -> None:
@@ -167,7 +173,10 @@ def show_help(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        if extra:
+            raise UsageError(args.command or "elioctl",
+                             f"unrecognized arguments: {' '.join(extra)}")
     except UsageError as e:
         print(f"elioctl: {e.command}: {os.strerror(errno.EINVAL)}: {e} (see 'elioctl help')",
               file=sys.stderr)

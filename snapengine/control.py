@@ -21,6 +21,7 @@ import os
 import socket
 import struct
 import threading
+import time
 from typing import Any, Callable
 
 from .errors import SnapError
@@ -28,9 +29,9 @@ from .errors import SnapError
 log = logging.getLogger(__name__)
 
 MAX_REQUEST = 64 * 1024  # bytes in one request line
-CONN_TIMEOUT = 30.0  # seconds a client may take to send a request
+CONN_TIMEOUT = 30.0  # seconds a client may take to send one whole request
 MAX_CONNECTIONS = 64  # connections served at once; more are refused with EAGAIN
-MAX_DEPTH = 4  # JSON nesting a request may have
+MAX_DEPTH = 1  # a request is a flat object: no nested arrays or objects
 
 STR = (str,)
 MINOR = (str, int)  # the engine checks "not a number" itself, with EINVAL
@@ -60,14 +61,13 @@ OPS: dict[str, tuple[str, dict[str, tuple], tuple[str, ...]]] = {
 }
 
 
-def _depth(value: Any, level: int = 0) -> int:
-    if level > MAX_DEPTH:
-        return level
+def _depth(value: Any) -> int:
+    """Nesting depth of a JSON value (a scalar is 0, a flat object 1)."""
     if isinstance(value, dict):
-        return max([_depth(v, level + 1) for v in value.values()], default=level + 1)
+        return 1 + max(map(_depth, value.values()), default=0)
     if isinstance(value, list):
-        return max([_depth(v, level + 1) for v in value], default=level + 1)
-    return level
+        return 1 + max(map(_depth, value), default=0)
+    return 0
 
 
 def parse_request(line: bytes) -> tuple[str, dict[str, Any]]:
@@ -76,7 +76,7 @@ def parse_request(line: bytes) -> tuple[str, dict[str, Any]]:
         req = json.loads(line)
     except (ValueError, RecursionError) as e:
         raise SnapError(errno.EINVAL, f"request is not JSON: {str(e)[:100]}")
-    if not isinstance(req, dict) or _depth(req) > 2:
+    if not isinstance(req, dict) or _depth(req) > MAX_DEPTH:
         raise SnapError(errno.EINVAL, "request must be a flat JSON object")
     op = req.pop("op", None)
     if not isinstance(op, str) or op not in OPS:
@@ -116,7 +116,7 @@ class ControlServer:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.bind(self.path)
-            os.chmod(self.path, 0o600)
+            os.chmod(self.path, 0o600)  # before listen(): nobody can connect in between
             sock.listen(32)
         except BaseException:
             sock.close()
@@ -155,6 +155,7 @@ class ControlServer:
                              daemon=True).start()
 
     def _refuse(self, conn: socket.socket, e: SnapError) -> None:
+        """Say why and hang up, without reading: the client reads the answer anyway."""
         try:
             conn.settimeout(1.0)
             conn.sendall(encode_error(e))
@@ -164,24 +165,24 @@ class ControlServer:
 
     def _serve(self, conn: socket.socket) -> None:
         try:
-            conn.settimeout(CONN_TIMEOUT)
             uid = peer_uid(conn)
             if uid not in (0, os.getuid()):
                 log.warning("control: refused a client with uid %d", uid)
-                conn.sendall(encode_error(SnapError(errno.EACCES, f"uid {uid} may not control "
-                                                    "snapengine (root or the daemon's user only)")))
+                self._refuse(conn, SnapError(errno.EACCES, f"uid {uid} may not control "
+                                             "snapengine (root or the daemon's user only)"))
                 return
-            reader = conn.makefile("rb")
             while True:
-                line = reader.readline(MAX_REQUEST + 1)
-                if not line:
-                    return
-                if len(line) > MAX_REQUEST or not line.endswith(b"\n"):
-                    conn.sendall(encode_error(SnapError(errno.EINVAL, "request too long")))
+                line = _read_request(conn, time.monotonic() + CONN_TIMEOUT)
+                if line is None:
                     return
                 conn.sendall(self.handle(line))
+        except SnapError as e:  # too long, or too slow
+            try:
+                conn.sendall(encode_error(e))
+            except OSError:
+                pass
         except OSError:
-            pass  # the client went away or timed out
+            pass  # the client went away
         finally:
             conn.close()
             self._slots.release()
@@ -193,11 +194,38 @@ class ControlServer:
             method: Callable[..., Any] = getattr(self.engine, OPS[op][0])
             result = method(**args)
             return json.dumps({"ok": True, "result": result}).encode() + b"\n"
-        except SnapError as e:
+        except OSError as e:
+            if not isinstance(e, SnapError):
+                e = SnapError(e.errno or errno.EIO, str(e))
             return encode_error(e)
         except Exception as e:  # a bug: say so, keep serving
             log.exception("control request failed")
             return encode_error(SnapError(errno.EIO, f"internal error: {type(e).__name__}: {e}"))
+
+
+def _read_request(conn: socket.socket, deadline: float) -> bytes | None:
+    """One request line (None at end of stream), within ``deadline`` for the whole line."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise SnapError(errno.ETIMEDOUT, f"request not complete within {CONN_TIMEOUT:.0f} s")
+        conn.settimeout(remaining)
+        try:
+            chunk = conn.recv(4096, socket.MSG_PEEK)
+        except socket.timeout:
+            raise SnapError(errno.ETIMEDOUT, f"request not complete within {CONN_TIMEOUT:.0f} s")
+        if not chunk:  # end of stream: a last request may lack its newline
+            return b"".join(chunks) or None
+        newline = chunk.find(b"\n")
+        chunk = conn.recv(newline + 1 if newline >= 0 else len(chunk))
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > MAX_REQUEST:
+            raise SnapError(errno.EINVAL, f"request longer than {MAX_REQUEST} bytes")
+        if newline >= 0:
+            return b"".join(chunks)
 
 
 def encode_error(e: SnapError) -> bytes:
@@ -229,16 +257,28 @@ def request(path: str, op: str, **args: Any) -> Any:
         except FileNotFoundError:
             raise SnapError(errno.ENOENT, f"no daemon socket at {path}; start the daemon "
                             "with `snapengine serve` (or `make run`)")
+        except PermissionError as e:
+            raise SnapError(e.errno, f"no permission to use {path} (root or the daemon's "
+                            "user only)")
         except OSError as e:
             raise SnapError(e.errno or errno.ECONNREFUSED, f"cannot reach the daemon at {path} "
                             f"({e.strerror}); start it with `snapengine serve`")
-        sock.sendall(json.dumps({"op": op, **args}).encode() + b"\n")
-        line = sock.makefile("rb").readline(16 * MAX_REQUEST)
+        try:
+            sock.sendall(json.dumps({"op": op, **args}).encode() + b"\n")
+        except OSError:
+            pass  # a refusing daemon may hang up first: its answer is still there to read
+        try:
+            line = sock.makefile("rb").readline(16 * MAX_REQUEST)
+        except OSError as e:
+            raise SnapError(e.errno or errno.EIO, f"no answer from the daemon at {path}: {e}")
     finally:
         sock.close()
     if not line:
         raise SnapError(errno.ECONNRESET, f"the daemon at {path} closed the connection")
-    reply = json.loads(line)
+    try:
+        reply = json.loads(line)
+    except ValueError:
+        raise SnapError(errno.EPROTO, f"the daemon at {path} answered garbage: {line[:80]!r}")
     if reply.get("ok"):
         return reply.get("result")
     raise SnapError(int(reply.get("errno") or errno.EIO), str(reply.get("message")))

@@ -34,18 +34,34 @@ from .errors import SnapError
 from .fileio import FileIO
 from .minor import EXPORT_PREFIX, INCREMENTAL, SNAPSHOT, Minor
 from .origin import Origin, open_exclusive
+from .recovery import open_verified
 from .registry import Registry
 from .tracker import CowTracker, IncrementalTracker, SnapshotTracker
-from .units import BLOCK_SIZE, MB, MiB, align_up
+from .units import MB, MiB
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_MINORS = 24
-MAX_MINORS_LIMIT = 256  # minors are 0..255 at most
+MAX_MINORS_LIMIT = 255  # --max-minors N gives minors 0..N-1
 DEFAULT_CACHE_MB = 300
 DEFAULT_FALLOCATE_PERCENT = 10
+MAX_MB = 1 << 40  # largest -c or -f: a byte count that fits every header field
 INFO_FILE = "elastio-snap-info"
 REGISTRY_FILE = "registry.json"
+
+
+class AbsentOrigin(Origin):
+    """A registered minor's origin that this daemon does not serve (now)."""
+
+    def __init__(self, path: str) -> None:  # no file: nothing can be written through it
+        self.path = self.name = path
+        self.size = 0
+        self.clients = 0
+        self.minor = None
+        self.tracker = None
+
+    def close(self) -> None:
+        pass
 
 
 class OriginExport:
@@ -201,14 +217,29 @@ class Engine:
         with self._lock:
             origin.clients += 1
             m = self._minor_of(origin)
-            if m is None or m.active or not m.verified:
+            if m is None or m.active or m.fault:
                 return
-            if m.tracker is not None and not m.error:
+            if not m.verified:
+                self._verify_reloaded(m)
+            elif m.tracker is not None and not m.error:
                 with origin.gate.closed():
                     m.tracker.checkpoint(clean=False)
             m.active = True
             log.info("minor %d: active (state %d)", m.number, m.state)
             self.publish()
+
+    def _verify_reloaded(self, m: Minor) -> None:
+        """The origin of a reloaded minor came online: check its COW file now."""
+        try:
+            self._resume(m)
+            m.tracker.checkpoint(clean=False)
+            self._save_registry(self.minors)
+        except SnapError as e:
+            self._fault(m, e)
+            return
+        m.active = True
+        log.info("minor %d: %s verified (state %d)", m.number, m.cow_path, m.state)
+        self.publish()
 
     def detach(self, origin: Origin) -> None:
         """A client left ``origin``: after the last one the minor goes dormant."""
@@ -249,6 +280,41 @@ class Engine:
             self._install(m, SnapshotTracker, self._create_cow(path, header))
             log.info("minor %d: snapshot of %s set up, COW file %s, limit %d bytes",
                      n, origin.path, path, fallocate)
+
+    def reload_snapshot(self, block_device: str, cow_file: str, minor: Any,
+                        cache_mb: Any = None, block_device_path: str | None = None) -> None:
+        self._reload(SNAPSHOT, block_device, cow_file, minor, cache_mb, block_device_path)
+
+    def reload_incremental(self, block_device: str, cow_file: str, minor: Any,
+                           cache_mb: Any = None, block_device_path: str | None = None) -> None:
+        self._reload(INCREMENTAL, block_device, cow_file, minor, cache_mb, block_device_path)
+
+    def _reload(self, mode: str, block_device: str, cow_file: Any, minor: Any, cache_mb: Any,
+                block_device_path: str | None) -> None:
+        """Expect ``cow_file`` back for the origin: unverified (4/5) until it comes online."""
+        n = self._minor_number(minor)
+        cache = self._cache_bytes(cache_mb)
+        with self._lock:
+            if n in self.minors:
+                raise SnapError(errno.EBUSY, f"minor {n} is already in use "
+                                f"({self.minors[n].cow_path})")
+            origin = self._find_origin(block_device, block_device_path)
+            if origin.minor is not None:
+                raise SnapError(errno.EBUSY, f"origin {origin.path} is already tracked "
+                                f"by minor {origin.minor}")
+            if not isinstance(cow_file, str) or not cow_file or "\0" in cow_file:
+                raise SnapError(errno.EINVAL, f"COW file {cow_file!r} is not a path")
+            path = os.path.abspath(cow_file)
+            if os.path.isdir(path):
+                raise SnapError(errno.EISDIR, f"COW file {path} is a directory")
+            m = Minor(n, origin, path, mode, cache, verified=False, active=False)
+            self._save_registry({**self.minors, n: m})
+            origin.minor = n
+            self.minors[n] = m
+            log.info("minor %d: reload of %s (%s mode) for %s", n, path, mode, origin.path)
+            if origin.clients:  # already online: check it now
+                self._verify_reloaded(m)
+            self.publish()
 
     def transition_to_incremental(self, minor: Any) -> None:
         n = self._minor_number(minor)
@@ -416,6 +482,8 @@ class Engine:
             raise SnapError(errno.EINVAL, f"{option} {value!r} is not a whole number of MB")
         if value < 0:
             raise SnapError(errno.EINVAL, f"{option} {value} MB is below 1 MB")
+        if value > MAX_MB:
+            raise SnapError(errno.EINVAL, f"{option} {value} MB is too large (at most {MAX_MB})")
         return value
 
     def _cache_bytes(self, cache_mb: Any) -> int:
@@ -426,7 +494,7 @@ class Engine:
         mb = self._megabytes(fallocate_mb, "-f")
         if mb:
             return mb * MB
-        return align_up(max(MiB, int(origin.size * self.fallocate_percent / 100)), BLOCK_SIZE)
+        return max(MiB, int(origin.size * self.fallocate_percent / 100))
 
     def _find_origin(self, spec: Any, path: str | None = None) -> Origin:
         """The origin named ``spec`` (a NAME or PATH as served), or the one at ``path``
@@ -450,8 +518,8 @@ class Engine:
         if not isinstance(cow_file, str) or not cow_file or "\0" in cow_file:
             raise SnapError(errno.EINVAL, f"COW file {cow_file!r} is not a path")
         path = os.path.abspath(cow_file)
-        if os.path.isdir(path):
-            raise SnapError(errno.EISDIR, f"COW file {path} is a directory")
+        if os.path.isdir(path) or cow_file.endswith("/"):
+            raise SnapError(errno.EISDIR, f"COW file {cow_file} is a directory")
         parent = os.path.dirname(path)
         if not os.path.exists(parent):
             raise SnapError(errno.ENOENT, f"directory {parent} of COW file {path} does not exist")
@@ -468,17 +536,60 @@ class Engine:
 
     # -- persistence and info -----------------------------------------------------------
     def _restore(self, entry: dict) -> None:
-        raise SnapError(errno.ENOSYS, "restoring minors from the registry is not built yet")
+        """Bring back a registered minor, dormant; a COW file that fails its checks
+        leaves the minor failed, with the reason in info and the log."""
+        n = entry["minor"]
+        origin = self._origin_at(entry["origin"])
+        m = Minor(n, origin, entry["cow_file"], entry["mode"], entry["max_cache"],
+                  entry["fallocate"], active=False, verified=entry["uuid"] is not None,
+                  uuid=entry["uuid"], seq_id=entry["seq_id"])
+        origin.minor = n
+        self.minors[n] = m
+        if not m.verified:
+            log.info("minor %d: reloaded, %s is checked when %s gets its first client",
+                     n, m.cow_path, origin.path)
+            return
+        if isinstance(origin, AbsentOrigin):
+            self._fault(m, SnapError(errno.ENODEV, f"origin {origin.path} is not served"))
+            return
+        try:
+            self._resume(m, uuid=entry["uuid"], seq_id=entry["seq_id"])
+            log.info("minor %d: resumed %s in %s mode (state %d)", n, m.cow_path, m.mode, m.state)
+        except SnapError as e:
+            self._fault(m, e)
+
+    def _resume(self, m: Minor, uuid: str | None = None, seq_id: int | None = None) -> None:
+        """Open and prove ``m``'s COW file, then track the origin with it."""
+        cow = open_verified(m.cow_path, m.origin.size, m.mode == INCREMENTAL, self.opener,
+                            uuid, seq_id)
+        kind = IncrementalTracker if m.mode == INCREMENTAL else SnapshotTracker
+        tracker = kind(cow, m.origin.io, m.max_cache, self._tracker_failed)
+        m.fallocate = cow.header.fallocate
+        with m.origin.gate.closed():
+            m.origin.tracker = m.tracker = tracker
+        m.verified = True
+
+    def _fault(self, m: Minor, e: SnapError) -> None:
+        m.fault, m.reason = -e.errno, str(e)
+        log.error("minor %d: %s; the origin is served untracked", m.number, e)
+
+    def _origin_at(self, path: str) -> Origin:
+        for origin in self.origins.values():
+            if origin.path == path or origin.real_path == os.path.realpath(path):
+                return origin
+        return AbsentOrigin(path)
 
     def _save_registry(self, minors: dict[int, Minor]) -> None:
         self.registry.save([self._registry_entry(minors[n]) for n in sorted(minors)])
 
     @staticmethod
     def _registry_entry(m: Minor) -> dict:
-        h = m.tracker.cow.header if m.tracker is not None else None
+        uuid, seq_id = m.uuid, m.seq_id  # as recorded, while the COW file is not open
+        if m.tracker is not None:
+            uuid, seq_id = m.tracker.cow.header.uuid.hex(), m.tracker.cow.header.seq_id
         return {"minor": m.number, "origin": m.origin.path, "cow_file": m.cow_path,
                 "mode": m.mode, "max_cache": m.max_cache, "fallocate": m.fallocate,
-                "uuid": h.uuid.hex() if h else None, "seq_id": h.seq_id if h else None}
+                "uuid": uuid, "seq_id": seq_id}
 
     def _info_doc(self) -> dict:
         return {"version": __version__,

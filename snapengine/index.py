@@ -19,7 +19,7 @@ import threading
 from array import array
 
 from .cache import LRUCache
-from .cowfile import MARK, PAGE_BLOCKS, PAGE_SIZE, CowFile, mark_checksum
+from .cowfile import MARK, PAGE_BLOCKS, PAGE_SIZE, CowFile, mark_checksums
 from .errors import SnapError
 
 PAGE_COST = PAGE_SIZE + 512  # bytes one cached page costs: entries plus objects
@@ -61,12 +61,15 @@ class IndexPage:
             return cls(number, entries, 0)
         done = 0
         first = number * PAGE_BLOCKS
+        marks = None
         for i in range(PAGE_BLOCKS):
             slot, csum = entries[2 * i], entries[2 * i + 1]
             if not slot and not csum:
                 continue
+            if slot == MARK and marks is None:
+                marks = mark_checksums(first, PAGE_BLOCKS, seed)
             bad = (not slot or not csum or
-                   (slot == MARK and csum != mark_checksum(first + i, seed)) or
+                   (slot == MARK and csum != marks[i]) or
                    (slot != MARK and slot > nr_slots))
             if bad:
                 raise SnapError(errno.EUCLEAN, f"{path}: corrupt index entry for block "
@@ -107,10 +110,17 @@ class Index:
     def resize(self, max_cache_bytes: int) -> None:
         self._cache.resize(self._bound(max_cache_bytes))
 
+    def cached(self, number: int) -> IndexPage | None:
+        return self._cache.get(number)
+
     def pages(self, first: int, end: int) -> list[IndexPage]:
         """The pages covering blocks [first, end), loading those not cached."""
         lo, hi = first // PAGE_BLOCKS, (end - 1) // PAGE_BLOCKS
         get = self._cache.get
+        if lo == hi:
+            page = get(lo)
+            if page is not None:
+                return [page]
         while True:
             pages = [get(n) for n in range(lo, hi + 1)]
             missing = [lo + i for i, p in enumerate(pages) if p is None]

@@ -47,6 +47,8 @@ class Minor:
     active: bool = True
     fault: int = 0  # negative errno of a failure outside the tracker (verification)
     reason: str = ""
+    uuid: str | None = None  # identity the registry recorded, checked on resume
+    seq_id: int | None = None
 
     @property
     def state(self) -> int:

@@ -17,6 +17,7 @@ import errno
 import fcntl
 import os
 import threading
+from collections import deque
 from contextlib import contextmanager
 from typing import Iterator, Protocol
 
@@ -31,23 +32,34 @@ class Tracker(Protocol):
 
 
 class WriteGate:
-    """Counts mutations in flight; ``closed()`` drains them and holds new ones back."""
+    """Counts mutations in flight; ``closed()`` drains them and holds new ones back.
+
+    The fast path takes no lock: ``deque.append``/``pop`` are atomic in CPython, and
+    each side publishes before it looks (a writer appends, then checks ``_closed``; a
+    closer sets ``_closed``, then checks the count), so a writer either is counted
+    before the closer looks, or sees the gate closed and backs off until it reopens.
+    A lock on the fast path made writers convoy behind the GIL.
+    """
 
     def __init__(self) -> None:
         self._cond = threading.Condition(threading.Lock())
-        self._active = 0
+        self._inflight: deque[None] = deque()
         self._closed = False
 
     def enter(self) -> None:
-        with self._cond:
-            while self._closed:
-                self._cond.wait()
-            self._active += 1
+        while True:
+            self._inflight.append(None)
+            if not self._closed:
+                return
+            self.leave()  # a swap is under way: back off until it is done
+            with self._cond:
+                while self._closed:
+                    self._cond.wait()
 
     def leave(self) -> None:
-        with self._cond:
-            self._active -= 1
-            if self._closed and not self._active:
+        self._inflight.pop()
+        if self._closed:
+            with self._cond:
                 self._cond.notify_all()
 
     @contextmanager
@@ -56,7 +68,7 @@ class WriteGate:
             while self._closed:  # one swap at a time
                 self._cond.wait()
             self._closed = True
-            while self._active:
+            while self._inflight:
                 self._cond.wait()
         try:
             yield
@@ -106,7 +118,8 @@ class Origin:
             raise SnapError(errno.EIO, f"short read from origin {self.path} at {offset}")
 
     def pwrite(self, buf, offset: int, fua: bool) -> None:
-        self.gate.enter()
+        gate = self.gate
+        gate.enter()
         try:
             tracker = self.tracker
             if tracker is not None:
@@ -117,7 +130,7 @@ class Origin:
             else:
                 self.io.pwrite(buf, offset)
         finally:
-            self.gate.leave()
+            gate.leave()
 
     def zero(self, length: int, offset: int, may_trim: bool, fua: bool) -> None:
         self._change(length, offset, lambda: self.io.zero(offset, length, may_trim), fua)

@@ -51,14 +51,30 @@ import threading
 from array import array
 from typing import Callable
 
-from .cowfile import (FLAG_CLEAN, FLAG_FAILED, FLAG_INCREMENTAL, MARK, CowFile, block_checksum,
-                      boot_id, mark_checksum)
+from .cowfile import (FLAG_CLEAN, FLAG_FAILED, FLAG_INCREMENTAL, MARK, CowFile, block_checksums,
+                      boot_id, mark_checksums)
 from .errors import SnapError
 from .fileio import FileIO
-from .index import Index, IndexPage
+from .index import Index, IndexPage, span_bits
 from .units import BLOCK_SHIFT, BLOCK_SIZE
 
 log = logging.getLogger(__name__)
+
+PAGE_SHIFT = 8  # log2(PAGE_BLOCKS): block >> PAGE_SHIFT is its index page
+PAGE_MASK = (1 << PAGE_SHIFT) - 1
+REUSE_MAX = 4 << 20  # copy buffers up to this size are kept per thread and reused
+
+_local = threading.local()
+
+
+def copy_buffer(nbytes: int) -> memoryview:
+    """A scratch buffer of ``nbytes`` for this thread (reused: no allocation per copy)."""
+    buf = getattr(_local, "buf", None)
+    if buf is None or len(buf) < nbytes:
+        if nbytes > REUSE_MAX:
+            return memoryview(bytearray(nbytes))
+        buf = _local.buf = bytearray(max(nbytes, 1 << 20))
+    return memoryview(buf)[:nbytes]
 
 
 class Claim:
@@ -80,7 +96,14 @@ class Claim:
 
 
 class CowTracker:
-    """Base of both modes: claims, failure, the COW file's header bookkeeping."""
+    """Base of both modes: claims, failure, the COW file's header bookkeeping.
+
+    Locking: ``_lock`` guards the index (and its cache), the claims and the holds; it is
+    held for in-memory work only. ``_cond`` (on the same lock) is waited on by writers
+    for other claims, by committing writers for older reads (``_draining``), and by
+    page loads. Reads drop their hold without the lock (dict deletion is atomic) and
+    take it only to wake a draining writer.
+    """
 
     incremental = False
 
@@ -89,7 +112,8 @@ class CowTracker:
         self.cow = cow
         self.origin_io = origin_io
         self.seed = cow.header.seed
-        self._cond = threading.Condition(threading.Lock())
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self.index = Index(cow, self._cond, max_cache_bytes)
         self.nr_changed = cow.header.nr_changed_blocks
         self.next_slot = cow.header.nr_slots + 1
@@ -98,8 +122,10 @@ class CowTracker:
         self.on_fail = on_fail
         self.saved_blocks = 0  # blocks saved or marked by this process, for the benchmark
         self._claims: list[Claim] = []
-        self._holds: dict[int, tuple[int, int]] = {}
+        self._waiting = 0  # writers waiting for a claim to end
+        self._holds: dict[int, tuple[int, int]] = {}  # reads in flight: id -> blocks
         self._next_hold = 0
+        self._draining = 0  # threads waiting for reads to end: reads must wake them
         self._closed = False
 
     # -- the write path ---------------------------------------------------------------
@@ -108,20 +134,33 @@ class CowTracker:
         if self.error:
             return
         try:
-            with self._cond:
+            with self._lock:
+                if self._all_done(first, end):  # the re-touch fast path
+                    return
                 claim = self._claim(first, end)
             if claim is None:
                 return
             try:
                 self._save(claim)
             except BaseException:
-                with self._cond:
+                with self._lock:
                     self._release(claim)
                 raise
-            with self._cond:
+            with self._lock:
                 self._commit(claim)
         except Exception as e:  # the write goes on; the snapshot says it is broken
             self.fail(e)
+
+    def _all_done(self, first: int, end: int) -> bool:
+        """Blocks [first, end) all DONE, judged from a cached page alone (else False)."""
+        number = first >> PAGE_SHIFT
+        if (end - 1) >> PAGE_SHIFT != number:
+            return False
+        page = self.index.cached(number)
+        if page is None:
+            return False
+        want = span_bits(first & PAGE_MASK, ((end - 1) & PAGE_MASK) + 1)
+        return page.done & want == want
 
     def _claim(self, first: int, end: int) -> Claim | None:
         while True:
@@ -134,7 +173,11 @@ class CowTracker:
             lo, hi = todo[0][0], todo[-1][0] + todo[-1][1]
             if not any(c.first < hi and lo < c.end for c in self._claims):
                 break
-            self._cond.wait()
+            self._waiting += 1
+            try:
+                self._cond.wait()
+            finally:
+                self._waiting -= 1
         claim = Claim(lo, hi, self._allocate(todo), pages)
         for page in pages:
             page.pins += 1
@@ -146,7 +189,8 @@ class CowTracker:
             page.pins -= 1
         if claim in self._claims:
             self._claims.remove(claim)
-        self._cond.notify_all()
+        if self._waiting:
+            self._cond.notify_all()
 
     def _allocate(self, todo: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
         raise NotImplementedError
@@ -169,11 +213,38 @@ class CowTracker:
         self.saved_blocks += n
         self._release(claim)
 
+    # -- reads in flight ----------------------------------------------------------------
+    def _hold(self, first: int, end: int) -> int:
+        """Register a read of blocks [first, end); call with ``_lock`` held."""
+        hold = self._next_hold
+        self._next_hold = hold + 1
+        self._holds[hold] = (first, end)
+        return hold
+
+    def _unhold(self, hold: int) -> None:
+        """End a read; no lock needed. Deleting before looking at ``_draining`` pairs
+        with a drainer raising ``_draining`` before it looks at the holds."""
+        del self._holds[hold]
+        if self._draining:
+            with self._lock:
+                self._cond.notify_all()
+
+    def _drain(self, before: int, first: int, end: int) -> None:
+        """Wait, with ``_lock`` held, until no read older than ``before`` overlaps
+        blocks [first, end)."""
+        self._draining += 1
+        try:
+            while any(h < before and f < end and first < e
+                      for h, (f, e) in list(self._holds.items())):
+                self._cond.wait()
+        finally:
+            self._draining -= 1
+
     # -- failure and life cycle ---------------------------------------------------------
     def fail(self, e: BaseException) -> None:
         """Fail the snapshot or change list for good, keeping the first reason."""
         err = e.errno if isinstance(e, OSError) and e.errno else errno.EIO
-        with self._cond:
+        with self._lock:
             if self.error:
                 return
             self.error = -err
@@ -192,10 +263,9 @@ class CowTracker:
         """Stop serving: wait for reads in flight; later reads get ENXIO.
 
         The caller has closed the origin's write gate, so no write is in flight."""
-        with self._cond:
+        with self._lock:
             self._closed = True
-            while self._holds:
-                self._cond.wait()
+            self._drain(self._next_hold, 0, 1 << 62)
 
     def checkpoint(self, clean: bool, flags: int | None = None) -> None:
         """Write the header with the counters; if ``clean``, sync everything first.
@@ -221,7 +291,7 @@ class CowTracker:
         return self.index.cache_bytes
 
     def resize_cache(self, max_cache_bytes: int) -> None:
-        with self._cond:
+        with self._lock:
             self.index.resize(max_cache_bytes)
 
 
@@ -242,25 +312,21 @@ class SnapshotTracker(CowTracker):
         return runs
 
     def _save(self, claim: Claim) -> None:
-        seed = self.seed
         for block, count, slot in claim.runs:
-            buf = bytearray(count << BLOCK_SHIFT)  # zero-padded past the origin's end
-            self.origin_io.pread_into(buf, block << BLOCK_SHIFT)
-            view = memoryview(buf)
+            data = copy_buffer(count << BLOCK_SHIFT)
+            got = self.origin_io.pread_into(data, block << BLOCK_SHIFT)
+            if got < len(data):  # the origin's last, partial block: pad with zeroes
+                data[got:] = bytes(len(data) - got)
             entries = array("Q", bytes(16 * count))
             entries[0::2] = array("Q", range(slot, slot + count))
-            entries[1::2] = array("Q", [block_checksum(view[i << BLOCK_SHIFT:(i + 1) << BLOCK_SHIFT],
-                                                       block + i, seed) for i in range(count)])
-            self.cow.write_data(slot, buf)
+            entries[1::2] = block_checksums(data, block, self.seed)
+            self.cow.write_data(slot, data)
             self.cow.write_entries(block, entries)
             claim.entries.append(entries)
 
     def _commit(self, claim: Claim) -> None:
         self._publish(claim)  # PUBLISHED: new readers take the saved copy
-        started = self._next_hold
-        lo, hi = claim.first, claim.end
-        while any(hold < started and f < hi and lo < e for hold, (f, e) in self._holds.items()):
-            self._cond.wait()
+        self._drain(self._next_hold, claim.first, claim.end)
         self._finish(claim)  # DONE
 
     def become_incremental(self, clean: bool) -> None:
@@ -271,28 +337,34 @@ class SnapshotTracker(CowTracker):
     # -- the read path ----------------------------------------------------------------
     def read(self, buf, offset: int) -> None:
         """Fill ``buf`` with the snapshot image from ``offset``."""
-        view = memoryview(buf).cast("B")
         first = offset >> BLOCK_SHIFT
-        end = (offset + len(view) + BLOCK_SIZE - 1) >> BLOCK_SHIFT
-        with self._cond:
-            if self.error:
-                raise SnapError(errno.EIO, f"the snapshot has failed: {self.reason}")
-            if self._closed:
-                raise SnapError(errno.ENXIO, "the snapshot has been removed")
-            entries = Index.entries(self.index.pages(first, end), first, end)
-            hold = self._next_hold
-            self._next_hold += 1
-            self._holds[hold] = (first, end)
+        end = (offset + len(buf) + BLOCK_SIZE - 1) >> BLOCK_SHIFT
+        with self._lock:
+            if self.error or self._closed:
+                raise self._unreadable()
+            try:
+                entries = Index.entries(self.index.pages(first, end), first, end)
+            except SnapError as e:  # a corrupt index page: fail, outside the lock
+                corrupt = e
+            else:
+                corrupt = None
+                hold = self._hold(first, end)
+        if corrupt is not None:
+            self.fail(corrupt)
+            raise self._unreadable()
         try:
-            self._read(view, offset, first, entries)
+            self._read(memoryview(buf).cast("B"), offset, first, entries)
         except SnapError as e:
             if e.errno == errno.EIO:
                 self.fail(e)
             raise
         finally:
-            with self._cond:
-                del self._holds[hold]
-                self._cond.notify_all()
+            self._unhold(hold)
+
+    def _unreadable(self) -> SnapError:
+        if self.error:
+            return SnapError(errno.EIO, f"the snapshot has failed: {self.reason}")
+        return SnapError(errno.ENXIO, "the snapshot has been removed")
 
     def _read(self, view: memoryview, offset: int, first: int, entries: array) -> None:
         slots = entries[0::2]
@@ -326,21 +398,19 @@ class SnapshotTracker(CowTracker):
                 raise SnapError(errno.EIO, f"short read from origin {self.origin_io.path} at {lo}")
             return
         whole = lo == start and hi == stop
-        tmp = dst if whole else memoryview(bytearray(count << BLOCK_SHIFT))
-        self.cow.read_data_into(slot, tmp)
-        self._verify(tmp, block, count, slot, csums)
+        data = dst if whole else copy_buffer(count << BLOCK_SHIFT)
+        self.cow.read_data_into(slot, data)
+        sums = block_checksums(data, block, self.seed)
+        if sums != csums:
+            self._checksum_error(sums, csums, block, slot)
         if not whole:
-            dst[:] = tmp[lo - start:hi - start]
+            dst[:] = data[lo - start:hi - start]
 
-    def _verify(self, data: memoryview, block: int, count: int, slot: int, csums: array) -> None:
-        seed = self.seed
-        for i in range(count):
-            actual = block_checksum(data[i << BLOCK_SHIFT:(i + 1) << BLOCK_SHIFT], block + i, seed)
-            if actual != csums[i]:
-                raise SnapError(errno.EIO, f"{self.cow.path}: saved data of block {block + i} "
-                                f"(slot {slot + i}, offset {self.cow.slot_offset(slot + i)}) "
-                                f"fails its checksum: stored {csums[i]:#018x}, "
-                                f"computed {actual:#018x}")
+    def _checksum_error(self, sums: array, csums: array, block: int, slot: int) -> None:
+        i = next(i for i in range(len(sums)) if sums[i] != csums[i])
+        raise SnapError(errno.EIO, f"{self.cow.path}: saved data of block {block + i} "
+                        f"(slot {slot + i}, offset {self.cow.slot_offset(slot + i)}) fails "
+                        f"its checksum: stored {csums[i]:#018x}, computed {sums[i]:#018x}")
 
 
 class IncrementalTracker(CowTracker):
@@ -352,11 +422,10 @@ class IncrementalTracker(CowTracker):
         return [(block, count, 0) for block, count in todo]
 
     def _save(self, claim: Claim) -> None:
-        seed = self.seed
         for block, count, _ in claim.runs:
             entries = array("Q", bytes(16 * count))
             entries[0::2] = array("Q", [MARK]) * count
-            entries[1::2] = array("Q", [mark_checksum(b, seed) for b in range(block, block + count)])
+            entries[1::2] = mark_checksums(block, count, self.seed)
             self.cow.write_entries(block, entries)
             claim.entries.append(entries)
 

@@ -1,0 +1,40 @@
+"""How tests/data/v1-incremental.cow was made (run once, with format version 1).
+
+Not run by the tests: the committed file is the point. Re-running it after a change of
+layout makes a different file, and test_cowfile's sample test says so.
+"""
+
+import os
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+
+from snapengine.cowfile import CowFile, Header  # noqa: E402
+from snapengine.fileio import FileIO  # noqa: E402
+from snapengine.tracker import IncrementalTracker, SnapshotTracker  # noqa: E402
+
+UUID = bytes.fromhex("00112233445566778899aabbccddeeff")
+SIZE = (8 << 20) + 1000
+
+
+def main(out: str) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        origin_path = os.path.join(tmp, "origin")
+        with open(origin_path, "wb") as f:
+            f.write(bytes(range(256)) * (SIZE // 256) + bytes(SIZE % 256))
+        origin = FileIO.open(origin_path, os.O_RDWR)
+        cow = CowFile.create(out, Header(SIZE, UUID, 1, 1 << 20))
+        snap = SnapshotTracker(cow, origin, 1 << 20)
+        snap.before_write(0, 4)
+        snap.become_incremental(clean=False)
+        incr = IncrementalTracker(cow, origin, 1 << 20)
+        incr.before_write(256, 259)
+        incr.before_write(2048, 2049)
+        incr.checkpoint(clean=True)
+        cow.close()
+        origin.close()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

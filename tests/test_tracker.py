@@ -1,0 +1,100 @@
+"""The engine's failure paths, in process: the -f limit, corrupt saved data, the cache bound."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import pytest
+
+from snapengine.cowfile import CowFile
+from snapengine.engine import Engine
+from snapengine.errors import SnapError
+from snapengine.index import MIN_CACHE_PAGES, PAGE_COST
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def engine(tmp_path):
+    origin = tmp_path / "disk.img"
+    with open(origin, "wb") as f:
+        f.write(os.urandom(8 * MiB))
+    with Engine(str(tmp_path), [(str(origin), "disk")]) as e:
+        yield e
+
+
+def read(export, offset, length):
+    buf = bytearray(length)
+    export.pread(buf, offset)
+    return bytes(buf)
+
+
+def test_fallocate_limit_fails_the_snapshot_not_the_origin(engine, tmp_path):
+    h = engine.open_export("disk", False)
+    before = read(h, 0, 8 * MiB)
+    engine.setup_snapshot("disk", str(tmp_path / "cow"), 0, fallocate_mb=1)
+    snap = engine.open_export("elastio-snap0", True)
+    new = os.urandom(3 * MiB)
+    h.pwrite(new, 0, False)  # 3 MiB of first touches against a 1 MiB limit
+    info = engine.info(0)
+    assert info["error"] == -errno.EFBIG and info["state"] == 3
+    assert read(h, 0, 3 * MiB) == new  # nothing written to the origin is lost
+    assert read(h, 3 * MiB, 5 * MiB) == before[3 * MiB:]
+    with pytest.raises(SnapError) as e:
+        read(snap, 0, 4096)
+    assert e.value.errno == errno.EIO
+    h.pwrite(b"z" * 4096, 7 * MiB, False)  # later writes go straight through
+    assert read(h, 7 * MiB, 4096) == b"z" * 4096
+    with pytest.raises(SnapError) as e:
+        engine.transition_to_incremental(0)
+    assert e.value.errno == errno.EINVAL
+    h.close()
+    header = CowFile.open(str(tmp_path / "cow"), writable=False).header
+    assert header.error == -errno.EFBIG  # the failure is recorded in the file too
+    engine.destroy(0)
+    assert not os.path.exists(tmp_path / "cow")
+
+
+def test_flipped_byte_in_saved_data_reads_as_eio(engine, tmp_path):
+    h = engine.open_export("disk", False)
+    old = read(h, 0, 64 * 1024)
+    engine.setup_snapshot("disk", str(tmp_path / "cow"), 0)
+    snap = engine.open_export("elastio-snap0", True)
+    h.pwrite(b"n" * 8192, 4096, False)
+    assert read(snap, 0, 64 * 1024) == old
+    cow = CowFile.open(str(tmp_path / "cow"), writable=False)
+    data_offset = cow.header.data_offset
+    cow.close()
+    with open(tmp_path / "cow", "r+b") as f:
+        f.seek(data_offset + 4096 + 100)  # second saved block
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ 1]))
+    with pytest.raises(SnapError) as e:
+        read(snap, 8192, 4096)
+    assert e.value.errno == errno.EIO and "checksum" in str(e.value)
+    assert engine.info(0)["error"] == -errno.EIO
+    h.pwrite(b"m" * 4096, 0, False)
+    assert read(h, 0, 4096) == b"m" * 4096
+
+
+def test_cache_stays_within_its_bound(tmp_path):
+    origin = tmp_path / "big.img"
+    with open(origin, "wb") as f:
+        f.truncate(2048 * MiB)  # sparse: 2048 index pages, twice the cache floor
+    with Engine(str(tmp_path), [(str(origin), "big")]) as engine:
+        engine.setup_snapshot("big", str(tmp_path / "cow"), 0, cache_mb=1)
+        tracker = engine.minors[0].tracker
+        h = engine.open_export("big", False)
+        bound = max(MiB, MIN_CACHE_PAGES * PAGE_COST)
+        for offset in range(0, 2048 * MiB, MiB):  # one new index page per write
+            h.pwrite(b"x", offset, False)
+            assert tracker.cache_bytes <= bound
+        assert tracker.index.loads == 2048 and tracker.cache_bytes == bound
+        snap = engine.open_export("elastio-snap0", True)
+        assert read(snap, 0, 1) == b"\0"  # evicted pages come back from disk
+        engine.reconfigure(0, 2)
+        assert engine.info(0)["max_cache"] == 2 * MiB
+        assert engine.info(0)["nr_changed_blocks"] == 2048
+        h.close()
