@@ -94,6 +94,10 @@ def get_size(h):
     return h.size
 
 
+def export_description(h):
+    return h.description
+
+
 def can_write(h):
     return h.writable
 

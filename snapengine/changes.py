@@ -10,7 +10,7 @@ from __future__ import annotations
 import errno
 from typing import Iterator
 
-from .cowfile import INDEX_OFFSET, MARK, PAGE_BLOCKS, PAGE_SIZE, CowFile
+from .cowfile import FLAG_FAILED, INDEX_OFFSET, MARK, PAGE_BLOCKS, PAGE_SIZE, CowFile
 from .errors import SnapError
 from .index import IndexPage, bit_runs
 from .units import BLOCK_SIZE, nr_blocks
@@ -94,3 +94,31 @@ def verify_index(cow: CowFile) -> None:
     if top > header.nr_slots:
         raise SnapError(errno.EUCLEAN, f"{cow.path}: the index names slot {top}, the header "
                         f"has {header.nr_slots}")
+
+
+def open_closed(path: str) -> CowFile:
+    """Open a COW file to read its changed-block list: it must be closed cleanly, not
+    failed, and its index must agree with its header; else EINVAL saying why."""
+    try:
+        cow = CowFile.open(path, writable=False)
+    except FileNotFoundError:
+        raise SnapError(errno.ENOENT, f"COW file {path} does not exist")
+    except IsADirectoryError:
+        raise SnapError(errno.EISDIR, f"COW file {path} is a directory")
+    except SnapError as e:
+        raise SnapError(errno.EINVAL, e.detail)
+    try:
+        h = cow.header
+        if not h.clean:
+            raise SnapError(errno.EINVAL, f"{path} was not closed cleanly (it is in use, or "
+                            "its daemon died): its list of changed blocks cannot be trusted")
+        if h.flags & FLAG_FAILED:
+            raise SnapError(errno.EINVAL, f"{path} belongs to a failed snapshot (error {h.error})")
+        try:
+            verify_index(cow)
+        except SnapError as e:
+            raise SnapError(errno.EINVAL, f"{e.detail} (truncated or damaged)")
+        return cow
+    except BaseException:
+        cow.close()
+        raise

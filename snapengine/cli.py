@@ -13,9 +13,10 @@ import os
 import sys
 from typing import Any, Callable, NoReturn
 
-from . import __version__
+from . import __version__, changes
 from .control import request
 from .errors import SnapError
+from .units import BLOCK_SIZE
 
 DEFAULT_RUN_DIR = "/run/elastio-snap"
 CTL_SOCKET = "ctl.sock"
@@ -105,6 +106,11 @@ def build_parser() -> Parser:
     p = command("reconfigure", reconfigure, "change the index cache limit of a minor, live")
     cache(p)
     p.add_argument("minor", metavar="<minor>")
+    p = command("changed-blocks", changed_blocks,
+                "list the blocks changed between a closed COW file's snapshot and the next, "
+                "as merged extents 'OFFSET LENGTH' in bytes (no daemon needed)")
+    p.add_argument("--json", action="store_true", help="print JSON instead")
+    p.add_argument("cow_file", metavar="<cow file>")
     p = command("info", info, "print the state of every minor (or one) as JSON")
     p.add_argument("minor", metavar="<minor>", nargs="?")
     command("get-free-minor", get_free_minor, "print the lowest minor not in use")
@@ -160,6 +166,23 @@ def reconfigure(args: argparse.Namespace) -> None:
 
 def info(args: argparse.Namespace) -> None:
     print(json.dumps(request(_socket(args), "info", **_opts(args, "minor")), indent=4))
+
+
+def changed_blocks(args: argparse.Namespace) -> None:
+    cow = changes.open_closed(args.cow_file)
+    try:
+        extents = changes.byte_extents(cow)
+        if not args.json:
+            for offset, length in extents:
+                print(offset, length)
+            return
+        h = cow.header
+        print(json.dumps({"cow_file": os.path.abspath(args.cow_file), "uuid": h.uuid.hex(),
+                          "seq_id": h.seq_id, "block_size": BLOCK_SIZE,
+                          "origin_size": h.origin_size, "nr_changed_blocks": h.nr_changed_blocks,
+                          "extents": [{"offset": o, "length": n} for o, n in extents]}, indent=4))
+    finally:
+        cow.close()
 
 
 def get_free_minor(args: argparse.Namespace) -> None:

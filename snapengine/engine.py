@@ -72,6 +72,7 @@ class OriginExport:
         self.origin = origin
         self.size = origin.size
         self.writable = not readonly
+        self.description = f"snapengine origin {origin.path}"
         self.pread = origin.pread
         self.pwrite = origin.pwrite
         self.zero = origin.zero
@@ -87,9 +88,12 @@ class SnapshotExport:
 
     writable = False
 
-    def __init__(self, tracker: SnapshotTracker, size: int) -> None:
+    def __init__(self, tracker: SnapshotTracker, minor: int, size: int) -> None:
         self.size = size
         self.pread = tracker.read
+        h = tracker.cow.header  # update-img reads its identity from here
+        self.description = (f"snapengine snapshot: minor {minor}, uuid {h.uuid.hex()}, "
+                            f"seq_id {h.seq_id}")
 
     def pwrite(self, buf, offset: int, fua: bool) -> None:
         raise SnapError(errno.EPERM, "snapshot exports are read-only")
@@ -203,7 +207,7 @@ class Engine:
             m = self._snapshot_minor(name)
             if m is None or m.snapshot is None:
                 raise SnapError(errno.ENOENT, f"no export named {name!r}")
-            return SnapshotExport(m.snapshot, m.origin.size)
+            return SnapshotExport(m.snapshot, m.number, m.origin.size)
 
     def _snapshot_minor(self, name: str) -> Minor | None:
         digits = name[len(EXPORT_PREFIX):]

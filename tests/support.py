@@ -58,7 +58,11 @@ def wait_for(predicate, timeout: float = 30.0, what: str = "condition") -> None:
 
 
 def run(cmd: list[str], check: bool = True, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, check=check, capture_output=True, text=True, **kw)
+    r = subprocess.run(cmd, capture_output=True, text=True, **kw)
+    if check and r.returncode != 0:
+        raise AssertionError(f"{' '.join(map(str, cmd))} exited {r.returncode}\n"
+                             f"stdout: {r.stdout[-2000:]}\nstderr: {r.stderr[-4000:]}")
+    return r
 
 
 def socket_answers(path: str) -> bool:
