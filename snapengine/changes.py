@@ -2,15 +2,18 @@
 
 A block is changed when its index entry is not (0, 0) (cowfile's design notes). The
 index is read through SEEK_DATA/SEEK_HOLE, so the cost follows the number of index
-pages ever written, not the origin size.
+pages ever written, not the origin size. One pass checks every entry, counts them,
+finds the highest slot named and merges the changed blocks into extents.
 """
 
 from __future__ import annotations
 
 import errno
+from array import array
+from dataclasses import dataclass
 from typing import Iterator
 
-from .cowfile import FLAG_FAILED, INDEX_OFFSET, MARK, PAGE_BLOCKS, PAGE_SIZE, CowFile
+from .cowfile import FLAG_FAILED, INDEX_OFFSET, MARK, PAGE_BLOCKS, PAGE_SIZE, CowFile, Header
 from .errors import SnapError
 from .index import IndexPage, bit_runs
 from .units import BLOCK_SIZE, nr_blocks
@@ -40,65 +43,73 @@ def index_pages(cow: CowFile, nr_slots: int | None = None) -> Iterator[IndexPage
         next_page = max(next_page, end)
 
 
-def changed_blocks(cow: CowFile) -> Iterator[int]:
-    """Every changed block number, ascending."""
-    for page in index_pages(cow):
-        base = page.number * PAGE_BLOCKS
-        for start, length in bit_runs(page.done):
-            yield from range(base + start, base + start + length)
+@dataclass
+class Scan:
+    """What one pass over an index found."""
+
+    count: int  # changed blocks
+    top_slot: int  # highest data slot an entry names
+    extents: array  # changed blocks merged: block, count, block, count, ...
+
+    def byte_extents(self, origin_size: int) -> Iterator[tuple[int, int]]:
+        """(offset, length) in bytes, the last one clipped to the origin size."""
+        for i in range(0, len(self.extents), 2):
+            offset = self.extents[i] * BLOCK_SIZE
+            yield offset, min(self.extents[i + 1] * BLOCK_SIZE, origin_size - offset)
 
 
-def changed_extents(cow: CowFile) -> Iterator[tuple[int, int]]:
-    """Changed blocks merged into (block, count) runs, ascending."""
-    run_start = run_end = -1
-    for page in index_pages(cow):
-        base = page.number * PAGE_BLOCKS
-        for start, length in bit_runs(page.done):
-            if base + start == run_end:
-                run_end += length
-                continue
-            if run_end > 0:
-                yield run_start, run_end - run_start
-            run_start, run_end = base + start, base + start + length
-    if run_end > 0:
-        yield run_start, run_end - run_start
-
-
-def byte_extents(cow: CowFile) -> Iterator[tuple[int, int]]:
-    """Changed extents as (offset, length) in bytes, clipped to the origin size."""
-    size = cow.header.origin_size
-    for block, count in changed_extents(cow):
-        offset = block * BLOCK_SIZE
-        yield offset, min(count * BLOCK_SIZE, size - offset)
-
-
-def count_changed(cow: CowFile, nr_slots: int | None = None) -> tuple[int, int]:
-    """(changed blocks, highest slot named) over the whole index; checks every entry."""
-    count = 0
-    top = 0
+def scan(cow: CowFile, nr_slots: int | None = None) -> Scan:
+    """Check every entry of ``cow``'s index (slots up to ``nr_slots``, default the
+    header's) and collect the changed blocks."""
+    count = top = 0
+    extents = array("Q")
     for page in index_pages(cow, nr_slots):
         count += page.count()
-        named = [s for s in page.entries[0::2] if s and s != MARK]
-        if named:
-            top = max(top, max(named))
-    return count, top
+        top = max([top, *(s for s in page.entries[0::2] if s != MARK)])
+        base = page.number * PAGE_BLOCKS
+        for start, length in bit_runs(page.done):
+            if extents and extents[-2] + extents[-1] == base + start:
+                extents[-1] += length
+            else:
+                extents.extend((base + start, length))
+    return Scan(count, top, extents)
 
 
-def verify_index(cow: CowFile) -> None:
+def verify_index(cow: CowFile) -> Scan:
     """Check a closed COW file's index against its header; raise EUCLEAN naming the fault."""
     header = cow.header
-    count, top = count_changed(cow)
-    if count != header.nr_changed_blocks:
-        raise SnapError(errno.EUCLEAN, f"{cow.path}: the index holds {count} changed blocks, "
-                        f"the header says {header.nr_changed_blocks}")
-    if top > header.nr_slots:
-        raise SnapError(errno.EUCLEAN, f"{cow.path}: the index names slot {top}, the header "
-                        f"has {header.nr_slots}")
+    found = scan(cow)
+    if found.count != header.nr_changed_blocks:
+        raise SnapError(errno.EUCLEAN, f"{cow.path}: the index holds {found.count} changed "
+                        f"blocks, the header says {header.nr_changed_blocks}")
+    if found.top_slot > header.nr_slots:
+        raise SnapError(errno.EUCLEAN, f"{cow.path}: the index names slot {found.top_slot}, "
+                        f"the header has {header.nr_slots}")
+    return found
 
 
-def open_closed(path: str) -> CowFile:
-    """Open a COW file to read its changed-block list: it must be closed cleanly, not
-    failed, and its index must agree with its header; else EINVAL saying why."""
+def changed_blocks(cow: CowFile) -> Iterator[int]:
+    """Every changed block of ``cow``, ascending (its index checked on the way)."""
+    ext = scan(cow).extents
+    for i in range(0, len(ext), 2):
+        yield from range(ext[i], ext[i] + ext[i + 1])
+
+
+@dataclass
+class ChangeList:
+    """The changed blocks recorded in a closed COW file, proven whole."""
+
+    path: str
+    header: Header
+    scan: Scan
+
+    def byte_extents(self) -> Iterator[tuple[int, int]]:
+        return self.scan.byte_extents(self.header.origin_size)
+
+
+def read_closed(path: str) -> ChangeList:
+    """The change list of a COW file that must be closed cleanly, not failed, with an
+    index that agrees with its header; else EINVAL saying why."""
     try:
         cow = CowFile.open(path, writable=False)
     except FileNotFoundError:
@@ -107,7 +118,7 @@ def open_closed(path: str) -> CowFile:
         raise SnapError(errno.EISDIR, f"COW file {path} is a directory")
     except SnapError as e:
         raise SnapError(errno.EINVAL, e.detail)
-    try:
+    with cow:
         h = cow.header
         if not h.clean:
             raise SnapError(errno.EINVAL, f"{path} was not closed cleanly (it is in use, or "
@@ -115,10 +126,7 @@ def open_closed(path: str) -> CowFile:
         if h.flags & FLAG_FAILED:
             raise SnapError(errno.EINVAL, f"{path} belongs to a failed snapshot (error {h.error})")
         try:
-            verify_index(cow)
+            found = verify_index(cow)
         except SnapError as e:
             raise SnapError(errno.EINVAL, f"{e.detail} (truncated or damaged)")
-        return cow
-    except BaseException:
-        cow.close()
-        raise
+    return ChangeList(path, h, found)

@@ -169,20 +169,17 @@ def info(args: argparse.Namespace) -> None:
 
 
 def changed_blocks(args: argparse.Namespace) -> None:
-    cow = changes.open_closed(args.cow_file)
-    try:
-        extents = changes.byte_extents(cow)
-        if not args.json:
-            for offset, length in extents:
-                print(offset, length)
-            return
-        h = cow.header
-        print(json.dumps({"cow_file": os.path.abspath(args.cow_file), "uuid": h.uuid.hex(),
-                          "seq_id": h.seq_id, "block_size": BLOCK_SIZE,
-                          "origin_size": h.origin_size, "nr_changed_blocks": h.nr_changed_blocks,
-                          "extents": [{"offset": o, "length": n} for o, n in extents]}, indent=4))
-    finally:
-        cow.close()
+    changed = changes.read_closed(args.cow_file)
+    if not args.json:
+        for offset, length in changed.byte_extents():
+            print(offset, length)
+        return
+    h = changed.header
+    print(json.dumps({"cow_file": os.path.abspath(args.cow_file), "uuid": h.uuid.hex(),
+                      "seq_id": h.seq_id, "block_size": BLOCK_SIZE, "origin_size": h.origin_size,
+                      "nr_changed_blocks": h.nr_changed_blocks,
+                      "extents": [{"offset": o, "length": n} for o, n in changed.byte_extents()]},
+                     indent=4))
 
 
 def get_free_minor(args: argparse.Namespace) -> None:

@@ -58,6 +58,7 @@ OPS: dict[str, tuple[str, dict[str, tuple], tuple[str, ...]]] = {
     "reconfigure": ("reconfigure", {"minor": MINOR, "cache_mb": OPT_MB}, ("minor",)),
     "info": ("info", {"minor": MINOR + (type(None),)}, ()),
     "get-free-minor": ("get_free_minor", {}, ()),
+    "shutdown": ("shutdown", {}, ()),  # for `snapengine serve` on SIGTERM; not in elioctl
 }
 
 

@@ -45,6 +45,7 @@ import uuid as uuidlib
 from array import array
 from dataclasses import dataclass, field, replace
 from itertools import repeat
+from typing import Iterable
 
 import xxhash
 
@@ -59,7 +60,8 @@ VERSION = 1  # bumped on any change of layout; other versions are refused
 FLAG_CLEAN = 1 << 0  # index and header complete and synced; no writer since
 FLAG_INCREMENTAL = 1 << 1  # index only: the data area has been released
 FLAG_FAILED = 1 << 2  # the snapshot failed; ``error`` says why
-FLAGS_KNOWN = FLAG_CLEAN | FLAG_INCREMENTAL | FLAG_FAILED
+FLAG_DURABLE = 1 << 3  # saved data and entries were synced before each origin overwrite
+FLAGS_KNOWN = FLAG_CLEAN | FLAG_INCREMENTAL | FLAG_FAILED | FLAG_DURABLE
 
 # 136-byte header at offset 0; the rest of the first 4096 bytes must be zero.
 HEADER = struct.Struct(
@@ -93,6 +95,8 @@ ENTRY_SIZE = ENTRY.size
 PAGE_BLOCKS = 256  # entries per index page: one page covers 1 MiB of origin
 PAGE_SIZE = PAGE_BLOCKS * ENTRY_SIZE  # 4096 bytes
 MARK = 0xFFFF_FFFF_FFFF_FFFF  # slot value of a change recorded without data
+INTENT_SHIFT = 26  # log2 of the origin bytes one write-intent bit covers
+INTENT_REGION = 1 << INTENT_SHIFT  # 64 MiB: a power cut can add at most this per dirty bit
 
 SEED_HEADER = 0x5345_4843_4F57_4844  # role of the header checksum
 SEED_MARK = 0x5345_4D41_524B_3031  # role of mark checksums
@@ -113,9 +117,20 @@ def boot_id() -> bytes:
         return bytes(16)
 
 
+def intent_offset_for(origin_size: int) -> int:
+    """The write-intent bitmap follows the index."""
+    return INDEX_OFFSET + align_up(nr_blocks(origin_size) * ENTRY_SIZE, PAGE_SIZE)
+
+
+def intent_bytes_for(origin_size: int) -> int:
+    """One bit per INTENT_REGION bytes of origin, rounded up to whole pages."""
+    regions = (origin_size + INTENT_REGION - 1) >> INTENT_SHIFT
+    return align_up((regions + 7) // 8, PAGE_SIZE)
+
+
 def data_offset_for(origin_size: int) -> int:
-    index_bytes = nr_blocks(origin_size) * ENTRY_SIZE
-    return align_up(INDEX_OFFSET + align_up(index_bytes, PAGE_SIZE), DATA_ALIGNMENT)
+    end = intent_offset_for(origin_size) + intent_bytes_for(origin_size)
+    return align_up(end, DATA_ALIGNMENT)
 
 
 def uuid_seed(uuid: bytes) -> int:
@@ -140,10 +155,10 @@ def block_checksums(data: memoryview, block: int, seed: int) -> array:
     return _nonzero(array("Q", map(_xxh3, blocks, range(seed + block, seed + block + n))))
 
 
-def mark_checksums(block: int, count: int, seed: int) -> array:
-    """Checksums of change marks: xxh3-64 of the block number (u64 LE), seed ^ SEED_MARK."""
-    return _nonzero(array("Q", map(_xxh3, map(_U64.pack, range(block, block + count)),
-                                   repeat(seed ^ SEED_MARK))))
+def mark_checksums(blocks: Iterable[int], seed: int) -> array:
+    """Checksums of the change marks of ``blocks``: xxh3-64 of the block number (u64 LE),
+    seeded with seed ^ SEED_MARK."""
+    return _nonzero(array("Q", map(_xxh3, map(_U64.pack, blocks), repeat(seed ^ SEED_MARK))))
 
 
 @dataclass
@@ -172,6 +187,10 @@ class Header:
     @property
     def incremental(self) -> bool:
         return bool(self.flags & FLAG_INCREMENTAL)
+
+    @property
+    def durable(self) -> bool:
+        return bool(self.flags & FLAG_DURABLE)
 
     @property
     def seed(self) -> int:
@@ -290,6 +309,26 @@ class CowFile:
         end = INDEX_OFFSET + nr_blocks(self.header.origin_size) * ENTRY_SIZE
         return self.io.data_extents(INDEX_OFFSET, end)
 
+    # -- write intents ------------------------------------------------------------------
+    @property
+    def intent_offset(self) -> int:
+        return intent_offset_for(self.header.origin_size)
+
+    def write_intent_byte(self, index: int, value: int) -> None:
+        self.io.pwrite(bytes((value,)), self.intent_offset + index)
+
+    def read_intents(self) -> set[int]:
+        """Regions whose bit is set in the write-intent bitmap."""
+        raw = self.io.pread(intent_bytes_for(self.header.origin_size), self.intent_offset)
+        regions = set()
+        for i in (i for i, byte in enumerate(raw) if byte):
+            regions.update(i * 8 + bit for bit in range(8) if raw[i] >> bit & 1)
+        return regions
+
+    def clear_intents(self, indexes) -> None:
+        for index in indexes:
+            self.write_intent_byte(index, 0)
+
     # -- data -----------------------------------------------------------------------
     def slot_offset(self, slot: int) -> int:
         return self.header.data_offset + (slot - 1) * BLOCK_SIZE
@@ -311,3 +350,9 @@ class CowFile:
 
     def close(self) -> None:
         self.io.close()
+
+    def __enter__(self) -> "CowFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

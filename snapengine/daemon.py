@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 INFO_REFRESH = 0.5  # seconds between checks of the counters in the info file
 LOG_FORMAT = "%(asctime)s %(levelname)s (%(threadName)s) [%(name)s] %(message)s"
 KEYS = ("run_dir", "origins", "max_minors", "cache_default", "fallocate_percent", "tcp",
-        "log", "verbose")
+        "log", "verbose", "durable")
 
 
 def setup_logging(verbose: bool, log_file: str | None) -> None:
@@ -71,7 +71,8 @@ class Daemon:
                              max_minors=int(p.get("max_minors", DEFAULT_MAX_MINORS)),
                              cache_default_mb=int(p.get("cache_default", DEFAULT_CACHE_MB)),
                              fallocate_percent=float(p.get("fallocate_percent",
-                                                           DEFAULT_FALLOCATE_PERCENT)))
+                                                           DEFAULT_FALLOCATE_PERCENT)),
+                             durable=p.get("durable") == "1")
         self.engine.start()
         log.info("snapengine ready: %d origins, %d minors resumed, run dir %s",
                  len(self.engine.origins), len(self.engine.minors), run_dir)

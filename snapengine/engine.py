@@ -29,7 +29,7 @@ import uuid as uuidlib
 from typing import Any
 
 from . import __version__
-from .cowfile import CowFile, Header, boot_id
+from .cowfile import FLAG_DURABLE, CowFile, Header, boot_id
 from .errors import SnapError
 from .fileio import FileIO
 from .minor import EXPORT_PREFIX, INCREMENTAL, SNAPSHOT, Minor
@@ -117,7 +117,7 @@ class Engine:
     def __init__(self, run_dir: str, origins: list[tuple[str, str]], *,
                  max_minors: int = DEFAULT_MAX_MINORS, cache_default_mb: int = DEFAULT_CACHE_MB,
                  fallocate_percent: float = DEFAULT_FALLOCATE_PERCENT,
-                 opener=FileIO.open) -> None:
+                 durable: bool = False, opener=FileIO.open) -> None:
         if not 1 <= max_minors <= MAX_MINORS_LIMIT:
             raise SnapError(errno.EINVAL, f"--max-minors {max_minors} is not in 1..{MAX_MINORS_LIMIT}")
         if not 0 < fallocate_percent <= 100:
@@ -128,6 +128,7 @@ class Engine:
         self.max_minors = max_minors
         self.cache_default = cache_default_mb * MB
         self.fallocate_percent = fallocate_percent
+        self.durable = durable  # snapshots survive power cuts (FLAG_DURABLE)
         self.opener = opener
         self.origin_specs = origins
         self.origins: dict[str, Origin] = {}
@@ -135,6 +136,7 @@ class Engine:
         self.registry = Registry(os.path.join(run_dir, REGISTRY_FILE))
         self.info_path = os.path.join(run_dir, INFO_FILE)
         self.dirty = threading.Event()  # info is stale (set from the data path)
+        self.stopped = False  # shutdown() ran: no more tracking, no more writes
         self._lock = threading.RLock()
         self._published = ""
 
@@ -148,6 +150,7 @@ class Engine:
 
     def start(self) -> None:
         """Open every origin and resume every registered minor; no client yet."""
+        os.makedirs(self.run_dir, mode=0o755, exist_ok=True)
         try:
             for path, name in self.origin_specs:
                 if name in self.origins:
@@ -160,11 +163,24 @@ class Engine:
             self.close()
             raise
 
+    def shutdown(self) -> None:
+        """Stop tracking for good, cleanly, while clients may still be connected: writes
+        are refused from now on (ESHUTDOWN), every COW file is synced and marked clean.
+        The registry keeps every minor for the next start."""
+        with self._lock:
+            if self.stopped:
+                return
+            self.stopped = True
+            for origin in self.origins.values():
+                origin.gate.shut()
+            for m in self.minors.values():
+                self._close_tracker(m, m.tracker)
+            log.info("tracking stopped: every COW file closed cleanly")
+
     def close(self) -> None:
         """Clean shutdown: every COW file synced and marked clean, origins closed."""
         with self._lock:
-            for m in list(self.minors.values()):
-                self._close_tracker(m, m.tracker)
+            self.shutdown()
             for origin in self.origins.values():
                 origin.close()
             self.origins.clear()
@@ -179,9 +195,12 @@ class Engine:
         if tracker is None:
             return
         origin = m.origin
-        with origin.gate.closed():
-            if origin.tracker is tracker:
-                origin.tracker = None
+        if self.stopped:  # the gate is shut for good: no write is in flight
+            origin.tracker = None
+        else:
+            with origin.gate.closed():
+                if origin.tracker is tracker:
+                    origin.tracker = None
         tracker.quiesce()
         try:
             tracker.checkpoint(clean=True)
@@ -200,6 +219,8 @@ class Engine:
 
     def open_export(self, name: str, readonly: bool) -> OriginExport | SnapshotExport:
         with self._lock:
+            if self.stopped:
+                raise SnapError(errno.ESHUTDOWN, "the daemon is shutting down")
             origin = self.origins.get(name)
             if origin is not None:
                 self.attach(origin)
@@ -250,7 +271,7 @@ class Engine:
         with self._lock:
             origin.clients -= 1
             m = self._minor_of(origin)
-            if origin.clients or m is None or not m.active or not m.verified:
+            if origin.clients or m is None or not m.active or not m.verified or self.stopped:
                 return
             if m.tracker is not None and not m.error:
                 with origin.gate.closed():
@@ -279,7 +300,8 @@ class Engine:
                                 f"by minor {origin.minor}")
             path = self._check_new_cow(cow_file)
             fallocate = self._fallocate_bytes(fallocate_mb, origin)
-            header = Header(origin.size, uuidlib.uuid4().bytes, 1, fallocate, boot_id=boot_id())
+            header = Header(origin.size, uuidlib.uuid4().bytes, 1, fallocate,
+                            flags=self._new_flags(), boot_id=boot_id())
             m = Minor(n, origin, path, SNAPSHOT, cache, fallocate)
             self._install(m, SnapshotTracker, self._create_cow(path, header))
             log.info("minor %d: snapshot of %s set up, COW file %s, limit %d bytes",
@@ -363,7 +385,8 @@ class Engine:
             assert old is not None
             fallocate = self._fallocate_bytes(fallocate_mb, m.origin)
             h = old.cow.header
-            header = Header(h.origin_size, h.uuid, h.seq_id + 1, fallocate, boot_id=boot_id())
+            header = Header(h.origin_size, h.uuid, h.seq_id + 1, fallocate,
+                            flags=self._new_flags(), boot_id=boot_id())
             cow = self._create_cow(path, header)
             old_path = m.cow_path
             m.cow_path, m.fallocate, m.mode = path, fallocate, SNAPSHOT
@@ -418,6 +441,8 @@ class Engine:
 
     def get_free_minor(self) -> int:
         with self._lock:
+            if self.stopped:
+                raise SnapError(errno.ESHUTDOWN, "the daemon is shutting down")
             for n in range(self.max_minors):
                 if n not in self.minors:
                     return n
@@ -447,6 +472,9 @@ class Engine:
         self.minors[m.number] = m
         self.publish()
 
+    def _new_flags(self) -> int:
+        return FLAG_DURABLE if self.durable else 0
+
     def _create_cow(self, path: str, header: Header) -> CowFile:
         try:
             return CowFile.create(path, header, self.opener)
@@ -461,6 +489,9 @@ class Engine:
         self.dirty.set()  # never takes _lock: called from the data path
 
     def _minor_number(self, minor: Any) -> int:
+        """Check a minor argument (every control operation starts here)."""
+        if self.stopped:
+            raise SnapError(errno.ESHUTDOWN, "the daemon is shutting down")
         if isinstance(minor, str) and minor.isdecimal() and minor.isascii():
             minor = int(minor)
         if isinstance(minor, bool) or not isinstance(minor, int):
@@ -557,15 +588,19 @@ class Engine:
             self._fault(m, SnapError(errno.ENODEV, f"origin {origin.path} is not served"))
             return
         try:
-            self._resume(m, uuid=entry["uuid"], seq_id=entry["seq_id"])
+            self._resume(m, restart=True, uuid=entry["uuid"], seq_id=entry["seq_id"])
             log.info("minor %d: resumed %s in %s mode (state %d)", n, m.cow_path, m.mode, m.state)
         except SnapError as e:
             self._fault(m, e)
 
-    def _resume(self, m: Minor, uuid: str | None = None, seq_id: int | None = None) -> None:
-        """Open and prove ``m``'s COW file, then track the origin with it."""
-        cow = open_verified(m.cow_path, m.origin.size, m.mode == INCREMENTAL, self.opener,
-                            uuid, seq_id)
+    def _resume(self, m: Minor, restart: bool = False, uuid: str | None = None,
+                seq_id: int | None = None) -> None:
+        """Open and prove ``m``'s COW file, then track the origin with it. On a restart
+        the file's own mode wins over the registry's (the registry is written first, so
+        it can be ahead of a transition that a crash interrupted)."""
+        cow = open_verified(m.cow_path, m.origin.size, None if restart else m.mode == INCREMENTAL,
+                            self.opener, uuid, seq_id, recover=restart)
+        m.mode = INCREMENTAL if cow.header.incremental else SNAPSHOT
         kind = IncrementalTracker if m.mode == INCREMENTAL else SnapshotTracker
         tracker = kind(cow, m.origin.io, m.max_cache, self._tracker_failed)
         m.fallocate = cow.header.fallocate

@@ -16,6 +16,7 @@ import fcntl
 import os
 import stat
 import struct
+import threading
 
 from .errors import SnapError
 
@@ -208,3 +209,47 @@ def check_io_error(e: OSError, what: str) -> SnapError:
     if isinstance(e, SnapError):
         return e
     return SnapError(e.errno or errno.EIO, f"{what}: {e.strerror or e}")
+
+
+class GroupSync:
+    """fdatasync shared by concurrent callers (group commit).
+
+    ``sync()`` returns once an fdatasync that started after the call has completed, so
+    everything the caller wrote before calling is durable. Callers arriving while one
+    runs share the next one: N concurrent writers cost about two syncs, not N.
+    A failed fdatasync may have dropped dirty pages, so its error sticks: every later
+    ``sync()`` raises it too.
+    """
+
+    def __init__(self, io: FileIO) -> None:
+        self.io = io
+        self._cond = threading.Condition(threading.Lock())
+        self._started = 0  # syncs started so far
+        self._done = 0  # the newest sync completed (by start number)
+        self._running = False
+        self._error: OSError | None = None
+        self.count = 0  # fdatasync calls made, for the benchmark
+
+    def sync(self) -> None:
+        with self._cond:
+            target = self._started + 1  # the next sync to start covers our writes
+            while self._done < target and self._error is None:
+                if self._running:
+                    self._cond.wait()
+                    continue
+                self._running = True
+                self._started += 1
+                number = self._started
+                self._cond.release()
+                try:
+                    self.io.fdatasync()
+                except OSError as e:
+                    self._error = e
+                finally:
+                    self._cond.acquire()
+                    self._running = False
+                    self._done = number
+                    self.count += 1
+                    self._cond.notify_all()
+            if self._error is not None:
+                raise self._error

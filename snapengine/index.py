@@ -17,14 +17,17 @@ from __future__ import annotations
 import errno
 import threading
 from array import array
+from itertools import compress
+from operator import or_
 
 from .cache import LRUCache
 from .cowfile import MARK, PAGE_BLOCKS, PAGE_SIZE, CowFile, mark_checksums
 from .errors import SnapError
 
-PAGE_COST = PAGE_SIZE + 512  # bytes one cached page costs: entries plus objects
-MIN_CACHE_PAGES = 1024  # floor of the cache (4.5 MiB): room for every page in flight
+PAGE_COST = 5632  # bytes one cached page costs in the daemon: entries, objects, malloc slack
+MIN_CACHE_PAGES = 1024  # floor of the cache (5.5 MiB): room for every page in flight
 _ZERO_PAGE = bytes(PAGE_SIZE)
+_EMPTY_ENTRIES = array("Q", [0]) * (2 * PAGE_BLOCKS)  # copied by slicing: no over-allocation
 _ALL = (1 << PAGE_BLOCKS) - 1
 
 
@@ -55,23 +58,19 @@ class IndexPage:
     @classmethod
     def parse(cls, number: int, raw: bytes, nr_slots: int, seed: int, path: str) -> "IndexPage":
         """Build a page from disk, checking every entry (see cowfile's design notes)."""
-        entries = array("Q")
-        entries.frombytes(raw)
+        entries = _EMPTY_ENTRIES[:]  # exactly PAGE_SIZE of storage
         if raw == _ZERO_PAGE:
             return cls(number, entries, 0)
-        done = 0
+        memoryview(entries).cast("B")[:] = raw
+        slots, csums = entries[0::2], entries[1::2]
+        used = list(compress(range(PAGE_BLOCKS), map(or_, slots, csums)))  # C-level scan
         first = number * PAGE_BLOCKS
-        marks = None
-        for i in range(PAGE_BLOCKS):
-            slot, csum = entries[2 * i], entries[2 * i + 1]
-            if not slot and not csum:
-                continue
-            if slot == MARK and marks is None:
-                marks = mark_checksums(first, PAGE_BLOCKS, seed)
-            bad = (not slot or not csum or
-                   (slot == MARK and csum != marks[i]) or
-                   (slot != MARK and slot > nr_slots))
-            if bad:
+        marked = [i for i in used if slots[i] == MARK]
+        marks = dict(zip(marked, mark_checksums([first + i for i in marked], seed)))
+        done = 0
+        for i in used:
+            slot, csum = slots[i], csums[i]
+            if not slot or not csum or (slot > nr_slots if slot != MARK else csum != marks[i]):
                 raise SnapError(errno.EUCLEAN, f"{path}: corrupt index entry for block "
                                 f"{first + i} (slot {slot:#x}, checksum {csum:#x}; "
                                 f"{nr_slots} slots in use)")

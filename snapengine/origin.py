@@ -45,6 +45,7 @@ class WriteGate:
         self._cond = threading.Condition(threading.Lock())
         self._inflight: deque[None] = deque()
         self._closed = False
+        self._shut = False  # for good: the daemon is shutting down
 
     def enter(self) -> None:
         while True:
@@ -53,8 +54,20 @@ class WriteGate:
                 return
             self.leave()  # a swap is under way: back off until it is done
             with self._cond:
-                while self._closed:
+                while self._closed and not self._shut:
                     self._cond.wait()
+                if self._shut:
+                    raise SnapError(errno.ESHUTDOWN, "the daemon is shutting down: "
+                                    "writes are no longer accepted")
+
+    def shut(self) -> None:
+        """Drain the writes in flight and refuse every later one (ESHUTDOWN)."""
+        with self._cond:
+            while self._closed:
+                self._cond.wait()
+            self._closed = self._shut = True
+            while self._inflight:
+                self._cond.wait()
 
     def leave(self) -> None:
         self._inflight.pop()

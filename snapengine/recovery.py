@@ -2,30 +2,40 @@
 
 Used when the daemon restarts (registry) and when a reloaded minor's origin gets its
 first client. A clean file must match its header exactly (every index entry valid,
-their count equal to the header's). A file that was not closed cleanly is resumed only
-if the process died under this same boot: entries are written through to the page
-cache before each origin write (tracker.py), so the file holds every change that
-reached the origin, and the counters are rebuilt from the index. After a reboot
-(power cut, crash of the machine) unsynced writes may be lost: the minor fails.
+their count equal to the header's). A file that was not closed cleanly is resumed if
+the process died under this same boot: entries are written through to the page cache
+before each origin write (tracker.py), so the file holds every change that reached the
+origin, and the counters are rebuilt from the index. After a reboot (power cut)
+unsynced writes may be lost: an incremental file is made a superset of the truth from
+its write-intent record, a durable snapshot keeps exactly what reached the disk, and
+any other snapshot fails.
 """
 
 from __future__ import annotations
 
 import errno
 import logging
+from array import array
 
-from .changes import count_changed, verify_index
-from .cowfile import FLAG_FAILED, CowFile, boot_id
+from .changes import index_pages, scan, verify_index
+from .cowfile import (FLAG_FAILED, INTENT_REGION, MARK, PAGE_BLOCKS, CowFile, block_checksums,
+                      boot_id, mark_checksums)
 from .errors import SnapError
 from .fileio import FileIO
-from .units import BLOCK_SIZE
+from .units import BLOCK_SIZE, nr_blocks
 
 log = logging.getLogger(__name__)
 
 
-def open_verified(path: str, origin_size: int, incremental: bool, opener=FileIO.open,
-                  uuid: str | None = None, seq_id: int | None = None) -> CowFile:
-    """Open ``path`` to resume tracking; raise SnapError naming the first failed check."""
+def open_verified(path: str, origin_size: int, incremental: bool | None, opener=FileIO.open,
+                  uuid: str | None = None, seq_id: int | None = None,
+                  recover: bool = False) -> CowFile:
+    """Open ``path`` to resume tracking; raise SnapError naming the first failed check.
+
+    ``incremental`` is the mode the caller expects, or None to take the file's own (a
+    restart: a transition interrupted before its header write did not happen).
+    ``recover``: a file not closed cleanly may be recovered (a restart of the daemon
+    that owned it); otherwise, as elastio-snap's reload, it is refused."""
     try:
         cow = CowFile.open(path, opener)
     except SnapError:
@@ -42,15 +52,18 @@ def open_verified(path: str, origin_size: int, incremental: bool, opener=FileIO.
                             f"{path}: the snapshot had already failed (error {h.error})")
         if h.clean:
             verify_index(cow)
-        else:
+        elif recover:
             _recover(cow)
+        else:
+            raise SnapError(errno.EUCLEAN, f"{path} was not closed cleanly; reload needs a "
+                            "COW file closed by a clean shutdown")
         return cow
     except BaseException:
         cow.close()
         raise
 
 
-def _check_identity(cow: CowFile, origin_size: int, incremental: bool,
+def _check_identity(cow: CowFile, origin_size: int, incremental: bool | None,
                     uuid: str | None, seq_id: int | None) -> None:
     h = cow.header
     if h.origin_size != origin_size:
@@ -60,22 +73,92 @@ def _check_identity(cow: CowFile, origin_size: int, incremental: bool,
         raise SnapError(errno.EINVAL, f"{cow.path} has uuid {h.uuid.hex()}, expected {uuid}")
     if seq_id is not None and h.seq_id != seq_id:
         raise SnapError(errno.EINVAL, f"{cow.path} has seq_id {h.seq_id}, expected {seq_id}")
-    if h.incremental != incremental:
+    if incremental is not None and h.incremental != incremental:
         found, wanted = ("incremental", "snapshot") if h.incremental else ("snapshot", "incremental")
         raise SnapError(errno.EINVAL, f"{cow.path} is in {found} mode, not {wanted} mode")
 
 
 def _recover(cow: CowFile) -> None:
-    """Rebuild the counters of a file left dirty by a process that died under this boot."""
+    """Resume a file left dirty by an unclean stop, or raise EUCLEAN.
+
+    Same boot (the process died, the page cache did not): the index holds every change
+    that reached the origin; rebuild the counters from it. Another boot (power cut):
+    an incremental file presumes every block of its write-intent regions changed; a
+    durable snapshot drops the entries whose saved data did not reach the disk (their
+    origin blocks were never overwritten); any other snapshot cannot be proven.
+    """
     h = cow.header
-    if h.boot_id != boot_id():
-        raise SnapError(errno.EUCLEAN, f"{cow.path} was not closed cleanly and the machine has "
-                        "restarted since: writes that were not synced may be missing")
+    same_boot = h.boot_id == boot_id()
     if h.incremental:
-        slots_on_disk = h.nr_slots  # fixed when the data was released
+        slots = h.nr_slots  # fixed when the data was released
+        if not same_boot:
+            presumed = presume_changed(cow, cow.read_intents())
+            log.warning("%s: power cut: %d blocks of the write-intent regions presumed "
+                        "changed", cow.path, presumed)
+    elif same_boot:
+        slots = max(0, (cow.io.size() - h.data_offset) // BLOCK_SIZE)
+    elif h.durable:
+        slots = h.fallocate // BLOCK_SIZE
+        dropped = drop_unsaved(cow, slots)
+        log.warning("%s: power cut: %d saved blocks had not reached the disk; their origin "
+                    "blocks were never overwritten", cow.path, dropped)
     else:
-        slots_on_disk = max(0, (cow.io.size() - h.data_offset) // BLOCK_SIZE)
-    count, top = count_changed(cow, slots_on_disk)
-    cow.write_header(nr_changed_blocks=count, nr_slots=max(top, h.nr_slots))
-    log.warning("%s: not closed cleanly (the daemon died); resumed from its index: %d "
-                "changed blocks, %d saved", cow.path, count, top)
+        raise SnapError(errno.EUCLEAN, f"{cow.path} was not closed cleanly and the machine has "
+                        "restarted since: snapshot data that was not synced may be lost "
+                        "(serve with --durable to keep snapshots across power cuts)")
+    found = scan(cow, slots)
+    cow.sync()
+    cow.write_header(nr_changed_blocks=found.count, nr_slots=max(found.top_slot, h.nr_slots))
+    log.warning("%s: not closed cleanly; resumed from its index: %d changed blocks, %d saved",
+                cow.path, found.count, found.top_slot)
+
+
+def presume_changed(cow: CowFile, regions: set[int]) -> int:
+    """Mark every unmarked block of ``regions`` changed; return how many were marked."""
+    h = cow.header
+    nr = nr_blocks(h.origin_size)
+    marked = 0
+    per_region = INTENT_REGION // BLOCK_SIZE // PAGE_BLOCKS  # index pages per region
+    for region in sorted(regions):
+        for page in range(region * per_region, (region + 1) * per_region):
+            first = page * PAGE_BLOCKS
+            if first >= nr:
+                break
+            entries = array("Q", cow.read_page(page))
+            count = min(PAGE_BLOCKS, nr - first)
+            marks = mark_checksums(range(first, first + count), h.seed)
+            changed = False
+            for i in range(count):
+                if not entries[2 * i]:
+                    entries[2 * i], entries[2 * i + 1] = MARK, marks[i]
+                    marked += 1
+                    changed = True
+            if changed:
+                cow.write_entries(first, entries[:2 * count])
+    return marked
+
+
+def drop_unsaved(cow: CowFile, slot_limit: int) -> int:
+    """Clear the entries whose saved data did not reach the disk; return how many.
+
+    Only slots allocated since the last clean point (above the header's ``nr_slots``)
+    can be in that case; a bad checksum below is damage, and fails the file."""
+    h = cow.header
+    dropped = 0
+    data = bytearray(BLOCK_SIZE)
+    for page in index_pages(cow, slot_limit):
+        first = page.number * PAGE_BLOCKS
+        for i in range(PAGE_BLOCKS):
+            slot, csum = page.entries[2 * i], page.entries[2 * i + 1]
+            if not slot or slot == MARK:
+                continue
+            data[:] = bytes(BLOCK_SIZE)
+            got = cow.io.pread_into(data, cow.slot_offset(slot))
+            if got == BLOCK_SIZE and block_checksums(memoryview(data), first + i, h.seed)[0] == csum:
+                continue
+            if slot <= h.nr_slots:
+                raise SnapError(errno.EUCLEAN, f"{cow.path}: saved data of block {first + i} "
+                                f"(slot {slot}, synced before) fails its checksum")
+            cow.write_entries(first + i, array("Q", [0, 0]))
+            dropped += 1
+    return dropped

@@ -51,18 +51,19 @@ import threading
 from array import array
 from typing import Callable
 
-from .cowfile import (FLAG_CLEAN, FLAG_FAILED, FLAG_INCREMENTAL, MARK, CowFile, block_checksums,
-                      boot_id, mark_checksums)
+from .cowfile import (FLAG_CLEAN, FLAG_FAILED, FLAG_INCREMENTAL, INTENT_SHIFT, MARK, CowFile,
+                      block_checksums, boot_id, mark_checksums)
 from .errors import SnapError
-from .fileio import FileIO
+from .fileio import FileIO, GroupSync
 from .index import Index, IndexPage, span_bits
 from .units import BLOCK_SHIFT, BLOCK_SIZE
 
 log = logging.getLogger(__name__)
 
 PAGE_SHIFT = 8  # log2(PAGE_BLOCKS): block >> PAGE_SHIFT is its index page
+REGION_SHIFT = INTENT_SHIFT - BLOCK_SHIFT  # block >> REGION_SHIFT is its write-intent region
 PAGE_MASK = (1 << PAGE_SHIFT) - 1
-REUSE_MAX = 4 << 20  # copy buffers up to this size are kept per thread and reused
+REUSE_MAX = 1 << 20  # copy buffers up to this size are kept per thread (16 threads: 16 MiB)
 
 _local = threading.local()
 
@@ -73,7 +74,7 @@ def copy_buffer(nbytes: int) -> memoryview:
     if buf is None or len(buf) < nbytes:
         if nbytes > REUSE_MAX:
             return memoryview(bytearray(nbytes))
-        buf = _local.buf = bytearray(max(nbytes, 1 << 20))
+        buf = _local.buf = bytearray(REUSE_MAX)
     return memoryview(buf)[:nbytes]
 
 
@@ -120,6 +121,8 @@ class CowTracker:
         self.error = cow.header.error  # 0, or a negative errno once failed
         self.reason = f"failed before (error {self.error})" if self.error else ""
         self.on_fail = on_fail
+        self.durable = cow.header.durable
+        self.group_sync = GroupSync(cow.io)
         self.saved_blocks = 0  # blocks saved or marked by this process, for the benchmark
         self._claims: list[Claim] = []
         self._waiting = 0  # writers waiting for a claim to end
@@ -278,9 +281,13 @@ class CowTracker:
             flags |= FLAG_FAILED
         if clean:
             self.cow.sync()
+            self._forget_intents()
         self.cow.write_header(flags=flags, nr_changed_blocks=self.nr_changed,
                               nr_slots=self.nr_slots, error=self.error,
                               boot_id=h.boot_id if clean else boot_id())
+
+    def _forget_intents(self) -> None:
+        """At a clean point (index synced): no region needs to be presumed changed."""
 
     @property
     def nr_slots(self) -> int:
@@ -323,6 +330,8 @@ class SnapshotTracker(CowTracker):
             self.cow.write_data(slot, data)
             self.cow.write_entries(block, entries)
             claim.entries.append(entries)
+        if self.durable:  # old data and entries reach the disk before the overwrite can
+            self.group_sync.sync()
 
     def _commit(self, claim: Claim) -> None:
         self._publish(claim)  # PUBLISHED: new readers take the saved copy
@@ -330,7 +339,10 @@ class SnapshotTracker(CowTracker):
         self._finish(claim)  # DONE
 
     def become_incremental(self, clean: bool) -> None:
-        """Keep only the record of changed blocks: header first, then drop the data."""
+        """Keep only the record of changed blocks: the index synced (it is the list from
+        now on, and write intents only cover later changes), the header, then the data
+        dropped."""
+        self.cow.sync()
         self.checkpoint(clean, flags=self.cow.header.flags | FLAG_INCREMENTAL)
         self.cow.release_data()
 
@@ -414,20 +426,66 @@ class SnapshotTracker(CowTracker):
 
 
 class IncrementalTracker(CowTracker):
-    """Incremental mode: records which blocks change, keeps no data."""
+    """Incremental mode: records which blocks change, keeps no data.
+
+    Marks are written through (a crash of the process loses none), but not synced. So
+    that a power cut cannot lose one either, the first change in each 64 MiB region
+    since the last clean point first makes the region's write-intent bit durable; after
+    a power cut every block of a marked region counts as changed (recovery.py).
+    """
 
     incremental = True
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._intent_lock = threading.Lock()
+        self._intent_written: dict[int, int] = {}  # bitmap byte -> value written
+        self._intent_durable: dict[int, int] = {}  # bitmap byte -> bits known durable
+        for region in self.cow.read_intents():
+            byte, bit = region >> 3, 1 << (region & 7)
+            self._intent_written[byte] = self._intent_durable[byte] = \
+                self._intent_written.get(byte, 0) | bit
 
     def _allocate(self, todo: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
         return [(block, count, 0) for block, count in todo]
 
     def _save(self, claim: Claim) -> None:
+        self._record_intents(claim.runs)
         for block, count, _ in claim.runs:
             entries = array("Q", bytes(16 * count))
             entries[0::2] = array("Q", [MARK]) * count
-            entries[1::2] = mark_checksums(block, count, self.seed)
+            entries[1::2] = mark_checksums(range(block, block + count), self.seed)
             self.cow.write_entries(block, entries)
             claim.entries.append(entries)
+
+    def _record_intents(self, runs: list[tuple[int, int, int]]) -> None:
+        """Make the intent bits of the regions ``runs`` touch durable, if not yet."""
+        durable = self._intent_durable
+        new = [r for block, count, _ in runs
+               for r in range(block >> REGION_SHIFT, ((block + count - 1) >> REGION_SHIFT) + 1)
+               if not durable.get(r >> 3, 0) >> (r & 7) & 1]
+        if not new:
+            return
+        with self._intent_lock:
+            written = self._intent_written
+            for byte in {r >> 3 for r in new}:
+                value = written.get(byte, 0)
+                for r in new:
+                    if r >> 3 == byte:
+                        value |= 1 << (r & 7)
+                if value != written.get(byte, 0):
+                    self.cow.write_intent_byte(byte, value)
+                    written[byte] = value
+        self.group_sync.sync()  # covers what we (and anyone before us) wrote
+        with self._intent_lock:
+            for r in new:
+                durable[r >> 3] = durable.get(r >> 3, 0) | 1 << (r & 7)
+
+    def _forget_intents(self) -> None:
+        with self._intent_lock:
+            self.cow.clear_intents(self._intent_written)
+            self._intent_written.clear()
+            self._intent_durable.clear()
 
     def _commit(self, claim: Claim) -> None:
         self._publish(claim)

@@ -26,7 +26,6 @@ from typing import Callable, Iterator, NoReturn
 from . import changes
 from .cli import CTL_SOCKET, DEFAULT_RUN_DIR
 from .control import request
-from .cowfile import CowFile
 from .errors import SnapError
 from .minor import EXPORT_PREFIX
 from .units import BLOCK_SIZE, MiB
@@ -155,15 +154,15 @@ def _nbd_snapshot(uri: str, run_dir: str, minor: int | None) -> Snapshot:
 
 # -- checks ---------------------------------------------------------------------------
 
-def check(cow: CowFile, snap: Snapshot, image_size: int) -> None:
-    """The COW file (already proven whole by changes.open_closed) is the one just before
-    the snapshot, and all sizes agree; EINVAL naming the first mismatch."""
-    h = cow.header
+def check(changed: changes.ChangeList, snap: Snapshot, image_size: int) -> None:
+    """The change list (proven whole by changes.read_closed) is the one just before the
+    snapshot, and all sizes agree; EINVAL naming the first mismatch."""
+    h, path = changed.header, changed.path
     if h.uuid.hex() != snap.uuid:
-        raise SnapError(errno.EINVAL, f"{cow.path} is of another backup chain: uuid "
+        raise SnapError(errno.EINVAL, f"{path} is of another backup chain: uuid "
                         f"{h.uuid.hex()}, the snapshot's is {snap.uuid}")
     if h.seq_id != snap.seq_id - 1:
-        raise SnapError(errno.EINVAL, f"{cow.path} has seq_id {h.seq_id}; the snapshot has "
+        raise SnapError(errno.EINVAL, f"{path} has seq_id {h.seq_id}; the snapshot has "
                         f"seq_id {snap.seq_id}, so it needs the COW file with seq_id "
                         f"{snap.seq_id - 1}")
     if not h.origin_size == snap.size == image_size:
@@ -253,29 +252,25 @@ def progress_printer(stream) -> Callable[[int, int], None]:
 
 
 def update(args: argparse.Namespace) -> int:
-    cow = changes.open_closed(args.cow_file)
+    changed = changes.read_closed(args.cow_file)
+    snap = open_snapshot(args.snapshot, args.run_dir, args.minor)
     try:
-        snap = open_snapshot(args.snapshot, args.run_dir, args.minor)
+        image_fd = os.open(args.image, os.O_WRONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise SnapError(e.errno or errno.EIO, f"cannot open image {args.image}: {e.strerror}")
+    try:
+        check(changed, snap, os.lseek(image_fd, 0, os.SEEK_END))
+        copier = Copier(snap, image_fd, changed.header.nr_changed_blocks)
+        copier.run(chunks(changed.byte_extents()), progress_printer(sys.stderr))
+        if sys.stderr.isatty():
+            sys.stderr.write("\n")
         try:
-            image_fd = os.open(args.image, os.O_WRONLY | os.O_CLOEXEC)
+            os.fsync(image_fd)
         except OSError as e:
-            raise SnapError(e.errno or errno.EIO, f"cannot open image {args.image}: {e.strerror}")
-        try:
-            check(cow, snap, os.lseek(image_fd, 0, os.SEEK_END))
-            copier = Copier(snap, image_fd, cow.header.nr_changed_blocks)
-            show = progress_printer(sys.stderr)
-            copier.run(chunks(changes.byte_extents(cow)), show)
-            if sys.stderr.isatty():
-                sys.stderr.write("\n")
-            try:
-                os.fsync(image_fd)
-            except OSError as e:
-                copier.failed = copier.failed or copier.done
-                copier.first_error = copier.first_error or f"fsync of {args.image}: {e}"
-        finally:
-            os.close(image_fd)
+            copier.failed = copier.failed or copier.done
+            copier.first_error = copier.first_error or f"fsync of {args.image}: {e}"
     finally:
-        cow.close()
+        os.close(image_fd)
     print(f"copying complete: {copier.done} blocks changed, {copier.failed} errors")
     if copier.failed:
         print(f"update-img: {copier.first_error}", file=sys.stderr)
