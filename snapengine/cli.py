@@ -80,7 +80,8 @@ def build_parser() -> Parser:
 
     p = command("setup-snapshot", setup_snapshot,
                 "take a snapshot of <block device>, saving old data to a new <cow file>")
-    cache(p), fallocate(p)
+    cache(p)
+    fallocate(p)
     p.add_argument("block_device", metavar="<block device>", help="an origin's path or name")
     p.add_argument("cow_file", metavar="<cow file>", help="new file, outside every origin")
     p.add_argument("minor", metavar="<minor>")
@@ -208,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         args.func(args)
     except SnapError as e:
         print(f"elioctl: {args.command}: {e}", file=sys.stderr)
-        return e.errno
+        return e.errno or errno.EIO
     except KeyboardInterrupt:
         return errno.EINTR
     return 0

@@ -258,8 +258,8 @@ def request(path: str, op: str, **args: Any) -> Any:
         except FileNotFoundError:
             raise SnapError(errno.ENOENT, f"no daemon socket at {path}; start the daemon "
                             "with `snapengine serve` (or `make run`)")
-        except PermissionError as e:
-            raise SnapError(e.errno, f"no permission to use {path} (root or the daemon's "
+        except PermissionError:
+            raise SnapError(errno.EACCES, f"no permission to use {path} (root or the daemon's "
                             "user only)")
         except OSError as e:
             raise SnapError(e.errno or errno.ECONNREFUSED, f"cannot reach the daemon at {path} "

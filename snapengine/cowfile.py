@@ -149,6 +149,8 @@ def block_checksums(data: memoryview, block: int, seed: int) -> array:
     the first being ``block``: xxh3-64 of each block, seeded with seed + block number.
     One C-level pass: no Python loop per block."""
     n = len(data) >> BLOCK_SHIFT
+    if n == 1:
+        return array("Q", (_xxh3(data, seed + block) or 1,))
     starts = range(0, n << BLOCK_SHIFT, BLOCK_SIZE)
     blocks = map(data.__getitem__, map(slice, starts, range(BLOCK_SIZE, (n + 1) << BLOCK_SHIFT,
                                                             BLOCK_SIZE)))
@@ -320,7 +322,7 @@ class CowFile:
     def read_intents(self) -> set[int]:
         """Regions whose bit is set in the write-intent bitmap."""
         raw = self.io.pread(intent_bytes_for(self.header.origin_size), self.intent_offset)
-        regions = set()
+        regions: set[int] = set()
         for i in (i for i, byte in enumerate(raw) if byte):
             regions.update(i * 8 + bit for bit in range(8) if raw[i] >> bit & 1)
         return regions

@@ -50,6 +50,18 @@ INFO_FILE = "elastio-snap-info"
 REGISTRY_FILE = "registry.json"
 
 
+def check_settings(max_minors: int, cache_default_mb: int, fallocate_percent: float) -> None:
+    """The daemon-wide settings (snapengine serve's options), or EINVAL naming the bad one."""
+    if not 1 <= max_minors <= MAX_MINORS_LIMIT:
+        raise SnapError(errno.EINVAL,
+                        f"--max-minors {max_minors} is not in 1..{MAX_MINORS_LIMIT}")
+    if cache_default_mb <= 0:
+        raise SnapError(errno.EINVAL, f"--cache-default {cache_default_mb} MB is not positive")
+    if not 0 < fallocate_percent <= 100:
+        raise SnapError(errno.EINVAL,
+                        f"--fallocate-percent {fallocate_percent} is not in (0, 100]")
+
+
 class AbsentOrigin(Origin):
     """A registered minor's origin that this daemon does not serve (now)."""
 
@@ -118,12 +130,7 @@ class Engine:
                  max_minors: int = DEFAULT_MAX_MINORS, cache_default_mb: int = DEFAULT_CACHE_MB,
                  fallocate_percent: float = DEFAULT_FALLOCATE_PERCENT,
                  durable: bool = False, opener=FileIO.open) -> None:
-        if not 1 <= max_minors <= MAX_MINORS_LIMIT:
-            raise SnapError(errno.EINVAL, f"--max-minors {max_minors} is not in 1..{MAX_MINORS_LIMIT}")
-        if not 0 < fallocate_percent <= 100:
-            raise SnapError(errno.EINVAL, f"--fallocate-percent {fallocate_percent} is not in (0, 100]")
-        if cache_default_mb <= 0:
-            raise SnapError(errno.EINVAL, f"--cache-default {cache_default_mb} MB is not positive")
+        check_settings(max_minors, cache_default_mb, fallocate_percent)
         self.run_dir = run_dir
         self.max_minors = max_minors
         self.cache_default = cache_default_mb * MB
@@ -256,8 +263,8 @@ class Engine:
     def _verify_reloaded(self, m: Minor) -> None:
         """The origin of a reloaded minor came online: check its COW file now."""
         try:
-            self._resume(m)
-            m.tracker.checkpoint(clean=False)
+            tracker = self._resume(m)
+            tracker.checkpoint(clean=False)
             self._save_registry(self.minors)
         except SnapError as e:
             self._fault(m, e)
@@ -559,7 +566,8 @@ class Engine:
         if not os.path.exists(parent):
             raise SnapError(errno.ENOENT, f"directory {parent} of COW file {path} does not exist")
         if not os.path.isdir(parent):
-            raise SnapError(errno.ENOTDIR, f"{parent} (parent of COW file {path}) is not a directory")
+            raise SnapError(errno.ENOTDIR,
+                            f"{parent} (parent of COW file {path}) is not a directory")
         real = os.path.realpath(path)
         for origin in self.origins.values():
             if origin.real_path == real:
@@ -594,7 +602,7 @@ class Engine:
             self._fault(m, e)
 
     def _resume(self, m: Minor, restart: bool = False, uuid: str | None = None,
-                seq_id: int | None = None) -> None:
+                seq_id: int | None = None) -> CowTracker:
         """Open and prove ``m``'s COW file, then track the origin with it. On a restart
         the file's own mode wins over the registry's (the registry is written first, so
         it can be ahead of a transition that a crash interrupted)."""
@@ -607,9 +615,10 @@ class Engine:
         with m.origin.gate.closed():
             m.origin.tracker = m.tracker = tracker
         m.verified = True
+        return tracker
 
     def _fault(self, m: Minor, e: SnapError) -> None:
-        m.fault, m.reason = -e.errno, str(e)
+        m.fault, m.reason = -(e.errno or errno.EIO), str(e)
         log.error("minor %d: %s; the origin is served untracked", m.number, e)
 
     def _origin_at(self, path: str) -> Origin:

@@ -162,12 +162,15 @@ class Index:
             hi = min(end - base, PAGE_BLOCKS)
             want = span_bits(lo, hi)
             missing = want & ~page.done
-            for start, length in bit_runs(missing):
-                block = base + start
-                if runs and runs[-1][0] + runs[-1][1] == block:
-                    runs[-1] = (runs[-1][0], runs[-1][1] + length)
-                else:
-                    runs.append((block, length))
+            if missing == want and not runs:  # the usual first touch: one run
+                runs.append((base + lo, hi - lo))
+            else:
+                for start, length in bit_runs(missing):
+                    block = base + start
+                    if runs and runs[-1][0] + runs[-1][1] == block:
+                        runs[-1] = (runs[-1][0], runs[-1][1] + length)
+                    else:
+                        runs.append((block, length))
             base += PAGE_BLOCKS
         return runs
 
@@ -189,6 +192,10 @@ class Index:
     def set_entries(pages: list[IndexPage], block: int, entries: array) -> None:
         """Store entries for consecutive blocks from ``block``."""
         n = len(entries) // 2
+        if len(pages) == 1:
+            lo = (block - pages[0].number * PAGE_BLOCKS) << 1
+            pages[0].entries[lo:lo + 2 * n] = entries
+            return
         for page in pages:
             base = page.number * PAGE_BLOCKS
             lo = max(block - base, 0)
@@ -200,6 +207,9 @@ class Index:
 
     @staticmethod
     def mark_done(pages: list[IndexPage], block: int, n: int) -> None:
+        if len(pages) == 1:
+            pages[0].done |= ((1 << n) - 1) << (block - pages[0].number * PAGE_BLOCKS)
+            return
         for page in pages:
             base = page.number * PAGE_BLOCKS
             lo = max(block - base, 0)

@@ -74,7 +74,8 @@ def _check_identity(cow: CowFile, origin_size: int, incremental: bool | None,
     if seq_id is not None and h.seq_id != seq_id:
         raise SnapError(errno.EINVAL, f"{cow.path} has seq_id {h.seq_id}, expected {seq_id}")
     if incremental is not None and h.incremental != incremental:
-        found, wanted = ("incremental", "snapshot") if h.incremental else ("snapshot", "incremental")
+        found, wanted = ("incremental", "snapshot") if h.incremental else \
+            ("snapshot", "incremental")
         raise SnapError(errno.EINVAL, f"{cow.path} is in {found} mode, not {wanted} mode")
 
 
@@ -154,7 +155,8 @@ def drop_unsaved(cow: CowFile, slot_limit: int) -> int:
                 continue
             data[:] = bytes(BLOCK_SIZE)
             got = cow.io.pread_into(data, cow.slot_offset(slot))
-            if got == BLOCK_SIZE and block_checksums(memoryview(data), first + i, h.seed)[0] == csum:
+            if got == BLOCK_SIZE and \
+                    block_checksums(memoryview(data), first + i, h.seed)[0] == csum:
                 continue
             if slot <= h.nr_slots:
                 raise SnapError(errno.EUCLEAN, f"{cow.path}: saved data of block {first + i} "

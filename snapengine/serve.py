@@ -20,7 +20,8 @@ from typing import NoReturn
 from . import __version__
 from .cli import DEFAULT_RUN_DIR
 from .control import remove_stale_socket, request
-from .engine import DEFAULT_CACHE_MB, DEFAULT_FALLOCATE_PERCENT, DEFAULT_MAX_MINORS, MAX_MINORS_LIMIT
+from .engine import (DEFAULT_CACHE_MB, DEFAULT_FALLOCATE_PERCENT, DEFAULT_MAX_MINORS,
+                     check_settings)
 from .errors import SnapError
 from .relay import parse_hostport
 
@@ -125,7 +126,8 @@ def plugin_path() -> str:
     return spec.origin
 
 
-def nbdkit_command(args: argparse.Namespace, origins: list[tuple[str, str]], run_dir: str) -> list[str]:
+def nbdkit_command(args: argparse.Namespace, origins: list[tuple[str, str]],
+                   run_dir: str) -> list[str]:
     nbdkit = shutil.which("nbdkit")
     if nbdkit is None:
         raise SnapError(errno.ENOENT, "nbdkit is not installed (apt-get install nbdkit "
@@ -134,7 +136,8 @@ def nbdkit_command(args: argparse.Namespace, origins: list[tuple[str, str]], run
            os.path.join(run_dir, "nbdkit.pid"), "--threads", str(NBDKIT_THREADS)]
     cmd += ["-f", "python", plugin_path(), f"run_dir={run_dir}", f"origins={json.dumps(origins)}",
             f"max_minors={args.max_minors}", f"cache_default={args.cache_default}",
-            f"fallocate_percent={args.fallocate_percent}", f"log={os.path.join(run_dir, 'daemon.log')}"]
+            f"fallocate_percent={args.fallocate_percent}",
+            f"log={os.path.join(run_dir, 'daemon.log')}"]
     if args.tcp:
         cmd.append(f"tcp={args.tcp}")
     if args.verbose:
@@ -155,12 +158,7 @@ def plugin_environment() -> dict[str, str]:
 
 
 def check_options(args: argparse.Namespace) -> None:
-    if not 1 <= args.max_minors <= MAX_MINORS_LIMIT:
-        raise SnapError(errno.EINVAL, f"--max-minors {args.max_minors} is not in 1..{MAX_MINORS_LIMIT}")
-    if args.cache_default <= 0:
-        raise SnapError(errno.EINVAL, f"--cache-default {args.cache_default} is not positive")
-    if not 0 < args.fallocate_percent <= 100:
-        raise SnapError(errno.EINVAL, f"--fallocate-percent {args.fallocate_percent} is not in (0, 100]")
+    check_settings(args.max_minors, args.cache_default, args.fallocate_percent)
     if args.tcp:
         try:
             parse_hostport(args.tcp)
@@ -299,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
         return serve(args)
     except SnapError as e:
         print(f"snapengine: serve: {e}", file=sys.stderr)
-        return e.errno
+        return e.errno or errno.EIO
 
 
 if __name__ == "__main__":

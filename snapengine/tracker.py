@@ -55,7 +55,7 @@ from .cowfile import (FLAG_CLEAN, FLAG_FAILED, FLAG_INCREMENTAL, INTENT_SHIFT, M
                       block_checksums, boot_id, mark_checksums)
 from .errors import SnapError
 from .fileio import FileIO, GroupSync
-from .index import Index, IndexPage, span_bits
+from .index import Index, IndexPage
 from .units import BLOCK_SHIFT, BLOCK_SIZE
 
 log = logging.getLogger(__name__)
@@ -162,7 +162,7 @@ class CowTracker:
         page = self.index.cached(number)
         if page is None:
             return False
-        want = span_bits(first & PAGE_MASK, ((end - 1) & PAGE_MASK) + 1)
+        want = ((1 << (end - first)) - 1) << (first & PAGE_MASK)
         return page.done & want == want
 
     def _claim(self, first: int, end: int) -> Claim | None:
@@ -306,7 +306,7 @@ class SnapshotTracker(CowTracker):
     """Snapshot mode: saves old data before overwrite and serves the snapshot image."""
 
     def _allocate(self, todo: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
-        n = sum(count for _, count in todo)
+        n = todo[0][1] if len(todo) == 1 else sum(count for _, count in todo)
         limit = self.cow.header.fallocate
         if (self.next_slot - 1 + n) * BLOCK_SIZE > limit:
             raise SnapError(errno.EFBIG, f"COW file {self.cow.path} reached its limit of "
@@ -349,29 +349,53 @@ class SnapshotTracker(CowTracker):
     # -- the read path ----------------------------------------------------------------
     def read(self, buf, offset: int) -> None:
         """Fill ``buf`` with the snapshot image from ``offset``."""
+        length = len(buf)
         first = offset >> BLOCK_SHIFT
-        end = (offset + len(buf) + BLOCK_SIZE - 1) >> BLOCK_SHIFT
+        end = (offset + length + BLOCK_SIZE - 1) >> BLOCK_SHIFT
+        corrupt: SnapError | None = None
         with self._lock:
             if self.error or self._closed:
                 raise self._unreadable()
-            try:
-                entries = Index.entries(self.index.pages(first, end), first, end)
-            except SnapError as e:  # a corrupt index page: fail, outside the lock
-                corrupt = e
-            else:
-                corrupt = None
-                hold = self._hold(first, end)
-        if corrupt is not None:
-            self.fail(corrupt)
+            entries = self._cached_entries(first, end)
+            if entries is None:  # a page to load (the lock is released meanwhile)
+                try:
+                    entries = Index.entries(self.index.pages(first, end), first, end)
+                except SnapError as e:  # a corrupt index page: fail, outside the lock
+                    corrupt = e
+            if corrupt is None:
+                hold = self._next_hold
+                self._next_hold = hold + 1
+                self._holds[hold] = (first, end)
+        if corrupt is not None or entries is None:
+            self.fail(corrupt or SnapError(errno.EIO, "index page missing"))
             raise self._unreadable()
         try:
-            self._read(memoryview(buf).cast("B"), offset, first, entries)
+            if entries.count(0) == len(entries):  # nothing saved: all from the origin
+                if self.origin_io.pread_into(buf, offset) != length:
+                    raise SnapError(errno.EIO, f"short read from origin {self.origin_io.path} "
+                                    f"at {offset}")
+            else:
+                self._read(memoryview(buf).cast("B"), offset, first, entries)
         except SnapError as e:
             if e.errno == errno.EIO:
                 self.fail(e)
             raise
         finally:
-            self._unhold(hold)
+            del self._holds[hold]  # see _unhold: no lock needed
+            if self._draining:
+                with self._lock:
+                    self._cond.notify_all()
+
+    def _cached_entries(self, first: int, end: int) -> array | None:
+        """Entries of blocks [first, end) if they lie in one cached page, else None."""
+        number = first >> PAGE_SHIFT
+        if (end - 1) >> PAGE_SHIFT != number:
+            return None
+        page = self.index.cached(number)
+        if page is None:
+            return None
+        lo = (first & PAGE_MASK) << 1
+        return page.entries[lo:lo + ((end - first) << 1)]
 
     def _unreadable(self) -> SnapError:
         if self.error:

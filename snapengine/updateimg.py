@@ -146,9 +146,12 @@ def _nbd_snapshot(uri: str, run_dir: str, minor: int | None) -> Snapshot:
         uuid, seq_id = found.group(1), int(found.group(2))
     else:
         named = re.fullmatch(rf"{EXPORT_PREFIX}(\d+)", export or "")
-        if minor is None and named is None:
-            raise SnapError(errno.EINVAL, f"{uri} does not say which snapshot it is: give --minor")
-        uuid, seq_id = minor_identity(run_dir, minor if minor is not None else int(named.group(1)))
+        if minor is None:
+            if named is None:
+                raise SnapError(errno.EINVAL, f"{uri} does not say which snapshot it is: "
+                                "give --minor")
+            minor = int(named.group(1))
+        uuid, seq_id = minor_identity(run_dir, minor)
     return Snapshot(size, uuid, seq_id, nbd_reader(uri), uri)
 
 
@@ -283,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         return update(build_parser().parse_args(argv))
     except SnapError as e:
         print(f"update-img: {e}", file=sys.stderr)
-        return e.errno
+        return e.errno or errno.EIO
     except KeyboardInterrupt:
         return errno.EINTR
 
