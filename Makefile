@@ -10,7 +10,7 @@ APT_PKGS := nbdkit nbdkit-plugin-python libnbd-bin python3-libnbd python3-venv \
             python3-xxhash fuse3 fio e2fsprogs util-linux
 BENCH_PKGS := qemu-system-common qemu-utils fio
 
-.PHONY: setup run test bench clean apt
+.PHONY: setup run test bench soak clean apt
 
 setup: apt $(STAMP)
 
@@ -40,6 +40,13 @@ bench: setup
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	fi
 	$(VPY) bench/run.py $(BENCH_ARGS)
+
+# Long runs, not in CI: kill -9 rounds and the concurrency soak.
+SOAK_ROUNDS ?= 100
+SOAK_MINUTES ?= 10
+soak: setup
+	SNAPENGINE_KILL_ROUNDS=$(SOAK_ROUNDS) $(VPY) -m pytest -q tests/test_kill9.py
+	$(VPY) bench/soak.py --minutes $(SOAK_MINUTES)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

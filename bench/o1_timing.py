@@ -1,0 +1,260 @@
+#!/usr/bin/env python3
+"""The control operations cost O(1) in the origin size.
+
+What it measures: the wall time of setup-snapshot, transition-to-incremental,
+transition-to-snapshot and destroy on a 1 TiB and on a 1 GiB sparse origin, in two ways:
+
+* ``elioctl``: the command line an administrator runs (includes starting Python for
+  elioctl, about 70 ms);
+* ``in-process``: the same request sent over the control socket with
+  ``snapengine.control.request`` from this process: the engine's own cost.
+
+How: one daemon serves both origins; each keeps one NBD connection open (the minor is
+active, as on a live system). One cycle is setup-snapshot (minor 0), writes,
+transition-to-incremental, writes, transition-to-snapshot, writes, destroy, where
+"writes" are 32 random 4 KiB blocks and one random 1 MiB extent, pipelined and
+flushed. Five repetitions, each running the cycle on both origins and both ways
+(interleaved, so background noise hits all of them alike); median and max per cell.
+
+Target: on the 1 TiB origin, each of the four operations has a median < 0.2 s, both
+through elioctl and in-process. Exit 0 if met, 1 if not. The daemon is stopped and
+every file removed at the end.
+
+    .venv/bin/python bench/o1_timing.py [--dir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import nbd
+
+from snapengine.control import request
+
+BIN = os.path.dirname(sys.executable)  # the venv's bin: snapengine, elioctl
+BLOCK = 4096
+MiB = 1 << 20
+GiB = 1 << 30
+TiB = 1 << 40
+SIZES = (TiB, GiB)
+REPEATS = 5
+TARGET_S = 0.2
+MINOR = "0"
+OPS = ("setup-snapshot", "transition-to-incremental", "transition-to-snapshot", "destroy")
+WAYS = ("elioctl", "in-process")
+SMALL_WRITES = 32
+WINDOW = 32  # NBD requests in flight
+
+
+@dataclass
+class Daemon:
+    run_dir: str
+    proc: subprocess.Popen
+
+    def uri(self, export: str) -> str:
+        return f"nbd+unix:///{export}?socket={self.run_dir}/nbd.sock"
+
+    @property
+    def ctl(self) -> str:
+        return os.path.join(self.run_dir, "ctl.sock")
+
+
+@dataclass
+class Step:
+    """One control operation, as elioctl arguments and as a control request."""
+
+    op: str
+    argv: list[str]
+    fields: dict[str, Any]
+
+
+Timings = dict[tuple[int, str, str], list[float]]  # (origin size, way, op) -> seconds
+
+
+def sparse_file(path: str, size: int) -> str:
+    with open(path, "wb") as f:
+        f.truncate(size)
+    return path
+
+
+@contextmanager
+def workdir(parent: str | None) -> Iterator[str]:
+    path = tempfile.mkdtemp(prefix="snapengine-bench-", dir=parent or "/var/tmp")
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def control_socket_answers(path: str) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        try:
+            s.connect(path)
+            return True
+        except OSError:
+            return False
+
+
+@contextmanager
+def serving(run_dir: str, origins: list[tuple[str, str]]) -> Iterator[Daemon]:
+    """``snapengine serve`` in the foreground; SIGTERM (clean shutdown) at the end."""
+    os.makedirs(run_dir)
+    cmd = [os.path.join(BIN, "snapengine"), "serve", "--run-dir", run_dir]
+    cmd += [f"--origin={path}={name}" for path, name in origins]
+    with open(os.path.join(run_dir, "serve.out"), "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while not control_socket_answers(os.path.join(run_dir, "ctl.sock")):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the daemon did not start (see {run_dir}/serve.out)")
+            time.sleep(0.05)
+        yield Daemon(run_dir, proc)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@contextmanager
+def connected(uri: str) -> Iterator[nbd.NBD]:
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    try:
+        yield h
+    finally:
+        h.shutdown()
+
+
+def retire_one(h: nbd.NBD) -> None:
+    """Wait for one command to complete; raise if it failed."""
+    while (cookie := h.aio_peek_command_completed()) == 0:
+        h.poll(-1)
+    h.aio_command_completed(cookie)
+
+
+def some_writes(h: nbd.NBD, rng: random.Random) -> None:
+    """SMALL_WRITES random 4 KiB blocks and one random 1 MiB extent, then a flush."""
+    size = h.get_size()
+    small = nbd.Buffer.from_bytearray(bytearray(rng.randbytes(BLOCK)))
+    big = nbd.Buffer.from_bytearray(bytearray(rng.randbytes(MiB)))
+    writes = [(small, rng.randrange(size // BLOCK) * BLOCK) for _ in range(SMALL_WRITES)]
+    writes.append((big, rng.randrange(size // MiB) * MiB))
+    pending = 0
+    for buf, offset in writes:
+        if pending >= WINDOW:
+            retire_one(h)
+            pending -= 1
+        h.aio_pwrite(buf, offset)
+        pending += 1
+    for _ in range(pending):
+        retire_one(h)
+    h.flush()
+
+
+def cycle_steps(name: str, cow1: str, cow2: str) -> list[Step]:
+    return [
+        Step("setup-snapshot", [name, cow1, MINOR],
+             {"block_device": name, "cow_file": cow1, "minor": MINOR}),
+        Step("transition-to-incremental", [MINOR], {"minor": MINOR}),
+        Step("transition-to-snapshot", [cow2, MINOR], {"cow_file": cow2, "minor": MINOR}),
+        Step("destroy", [MINOR], {"minor": MINOR}),
+    ]
+
+
+def timed_step(d: Daemon, way: str, step: Step) -> float:
+    start = time.perf_counter()
+    if way == "elioctl":
+        cmd = [os.path.join(BIN, "elioctl"), "--run-dir", d.run_dir, step.op, *step.argv]
+        r = subprocess.run(cmd, check=False, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} exited {r.returncode}: {r.stderr.strip()}")
+    else:
+        request(d.ctl, step.op, **step.fields)
+    return time.perf_counter() - start
+
+
+def cycle(d: Daemon, h: nbd.NBD, name: str, base: str, way: str, rng: random.Random,
+          timings: Timings, size: int) -> None:
+    """setup, writes, to incremental, writes, to snapshot, writes, destroy."""
+    cow1, cow2 = os.path.join(base, f"{name}.cow1"), os.path.join(base, f"{name}.cow2")
+    steps = cycle_steps(name, cow1, cow2)
+    try:
+        for i, step in enumerate(steps):
+            timings.setdefault((size, way, step.op), []).append(timed_step(d, way, step))
+            if i < len(steps) - 1:
+                some_writes(h, rng)
+    finally:
+        for path in (cow1, cow2):  # destroy removes cow2; cow1 is the closed change list
+            if os.path.exists(path):
+                os.unlink(path)
+
+
+def size_label(size: int) -> str:
+    return f"{size // TiB} TiB" if size >= TiB else f"{size // GiB} GiB"
+
+
+def print_table(timings: Timings) -> None:
+    head = " | ".join(f"{size_label(s)} median (s) | {size_label(s)} max (s)" for s in SIZES)
+    print(f"| operation | way | {head} |")
+    print("|---|---|" + "---:|" * (2 * len(SIZES)))
+    for op in OPS:
+        for way in WAYS:
+            cells = " | ".join(f"{statistics.median(timings[s, way, op]):.3f} | "
+                               f"{max(timings[s, way, op]):.3f}" for s in SIZES)
+            print(f"| {op} | {way} | {cells} |")
+
+
+def slowest_median(timings: Timings, size: int) -> tuple[float, str]:
+    return max((statistics.median(timings[size, way, op]), f"{op} ({way})")
+               for op in OPS for way in WAYS)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--dir", help="where to put the temporary files (default: a new "
+                   "directory under /var/tmp)")
+    p.add_argument("--seed", type=int, default=1, help="random seed of the writes")
+    args = p.parse_args()
+    rng = random.Random(args.seed)
+    started = time.monotonic()
+    timings: Timings = {}
+    with workdir(args.dir) as base:
+        names = {size: f"origin-{size // GiB}G" for size in SIZES}
+        served = [(sparse_file(os.path.join(base, f"{names[s]}.img"), s), names[s])
+                  for s in SIZES]
+        with serving(os.path.join(base, "run"), served) as d, ExitStack() as stack:
+            handles = {size: stack.enter_context(connected(d.uri(names[size])))
+                       for size in SIZES}
+            for _ in range(REPEATS):
+                for size in SIZES:
+                    for way in WAYS:
+                        cycle(d, handles[size], names[size], base, way, rng, timings, size)
+    print_table(timings)
+    worst, what = slowest_median(timings, TiB)
+    met = worst < TARGET_S
+    print(f"\ntarget: every operation on the 1 TiB origin has a median < {TARGET_S} s; "
+          f"slowest median {worst:.3f} s, {what} -> {'MET' if met else 'NOT MET'} "
+          f"(bench run time {time.monotonic() - started:.0f} s)")
+    return 0 if met else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
