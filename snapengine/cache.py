@@ -15,16 +15,19 @@ class LRUCache(Generic[K, V]):
 
     ``pinned(value)`` says an entry must not be evicted now; such entries are passed
     over (the cache may then exceed its bound by the pinned entries alone).
+    ``dispose(value)`` is called for every entry evicted (to write it back, say).
 
     Thread-safety: none. The owner serializes every call (the engine calls it with
     its per-minor lock held).
     """
 
     def __init__(self, max_bytes: int, item_bytes: int,
-                 pinned: Callable[[V], bool] = lambda v: False) -> None:
+                 pinned: Callable[[V], bool] = lambda v: False,
+                 dispose: Callable[[V], None] = lambda v: None) -> None:
         self._items: OrderedDict[K, V] = OrderedDict()
         self._item_bytes = item_bytes
         self._pinned = pinned
+        self._dispose = dispose
         self.max_bytes = max_bytes
         self.evictions = 0
 
@@ -47,6 +50,14 @@ class LRUCache(Generic[K, V]):
             self._items.move_to_end(key)
         return value
 
+    def peek(self, key: K) -> V | None:
+        """The value, without making it recent: safe without the owner's lock (one
+        atomic dict lookup), for a caller that can live with a stale answer."""
+        return self._items.get(key)
+
+    def values(self) -> list[V]:
+        return list(self._items.values())
+
     def put(self, key: K, value: V) -> None:
         self._items[key] = value
         self._items.move_to_end(key)
@@ -65,3 +76,4 @@ class LRUCache(Generic[K, V]):
                 passed += 1
             else:
                 self.evictions += 1
+                self._dispose(value)

@@ -13,7 +13,8 @@ from array import array
 from dataclasses import dataclass
 from typing import Iterator
 
-from .cowfile import FLAG_FAILED, INDEX_OFFSET, MARK, PAGE_BLOCKS, PAGE_SIZE, CowFile, Header
+from .cowfile import (FLAG_FAILED, INDEX_OFFSET, MARK, PAGE_BLOCKS, PAGE_SIZE, SLOT_MASK,
+                      CowFile, Header)
 from .errors import SnapError
 from .index import IndexPage, bit_runs
 from .units import BLOCK_SIZE, nr_blocks
@@ -37,7 +38,7 @@ def index_pages(cow: CowFile, nr_slots: int | None = None) -> Iterator[IndexPage
             for i in range(n):
                 parsed = IndexPage.parse(page + i, raw[i * PAGE_SIZE:(i + 1) * PAGE_SIZE],
                                          limit, header.seed, cow.path)
-                if parsed.done:
+                if parsed.saved or parsed.changed:
                     yield parsed
             page += n
         next_page = max(next_page, end)
@@ -65,9 +66,9 @@ def scan(cow: CowFile, nr_slots: int | None = None) -> Scan:
     extents = array("Q")
     for page in index_pages(cow, nr_slots):
         count += page.count()
-        top = max([top, *(s for s in page.entries[0::2] if s != MARK)])
+        top = max([top, *(s & SLOT_MASK for s in page.entries[0::2] if s != MARK)])
         base = page.number * PAGE_BLOCKS
-        for start, length in bit_runs(page.done):
+        for start, length in bit_runs(page.changed):
             if extents and extents[-2] + extents[-1] == base + start:
                 extents[-1] += length
             else:

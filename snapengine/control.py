@@ -62,13 +62,31 @@ OPS: dict[str, tuple[str, dict[str, tuple], tuple[str, ...]]] = {
 }
 
 
-def _depth(value: Any) -> int:
-    """Nesting depth of a JSON value (a scalar is 0, a flat object 1)."""
-    if isinstance(value, dict):
-        return 1 + max(map(_depth, value.values()), default=0)
-    if isinstance(value, list):
-        return 1 + max(map(_depth, value), default=0)
-    return 0
+def _depth(value: Any, limit: int = MAX_DEPTH) -> int:
+    """Nesting depth of a JSON value (a scalar is 0, a flat object 1), counted level by
+    level and only up to ``limit`` + 1: no nesting json.loads accepts (up to ~1000 levels)
+    can make it raise RecursionError."""
+    depth, level = 0, [value]
+    while depth <= limit:
+        containers = [v for v in level if isinstance(v, (dict, list))]
+        if not containers:
+            return depth
+        depth += 1
+        level = [c for v in containers for c in (v.values() if isinstance(v, dict) else v)]
+    return depth
+
+
+def _valid_string(value: str) -> bool:
+    """At most 4096 characters, no NUL, and a valid file name: a lone surrogate such as
+    "\\ud800" cannot be encoded (os functions would raise UnicodeEncodeError); escaped
+    bytes "\\udc80".."\\udcff" (elioctl's non-UTF-8 arguments) can."""
+    if len(value) > 4096 or "\0" in value:
+        return False
+    try:
+        value.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def parse_request(line: bytes) -> tuple[str, dict[str, Any]]:
@@ -88,7 +106,7 @@ def parse_request(line: bytes) -> tuple[str, dict[str, Any]]:
             raise SnapError(errno.EINVAL, f"{op}: unknown field {key[:64]!r}")
         if isinstance(value, bool) or not isinstance(value, fields[key]):
             raise SnapError(errno.EINVAL, f"{op}: field {key!r} has the wrong type")
-        if isinstance(value, str) and (len(value) > 4096 or "\0" in value):
+        if isinstance(value, str) and not _valid_string(value):
             raise SnapError(errno.EINVAL, f"{op}: field {key!r} is not a valid string")
     for key in required:
         if key not in req:
@@ -248,22 +266,40 @@ def remove_stale_socket(path: str) -> None:
     raise SnapError(errno.EADDRINUSE, f"{path}: another daemon is already listening there")
 
 
-def request(path: str, op: str, **args: Any) -> Any:
-    """Send one request to the daemon at ``path``; return its result or raise SnapError."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
+def _connect(path: str) -> socket.socket:
+    """A connection to the daemon at ``path``. A full listen backlog (EAGAIN: a burst of
+    clients) is a busy daemon, not a missing one: wait for room, up to CONN_TIMEOUT."""
+    deadline = time.monotonic() + CONN_TIMEOUT
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(CONN_TIMEOUT * 4)
         try:
             sock.connect(path)
+            return sock
+        except BlockingIOError:
+            sock.close()
+            if time.monotonic() >= deadline:
+                raise SnapError(errno.EAGAIN, f"the daemon at {path} is too busy to accept "
+                                "a connection; try again")
+            time.sleep(0.01)
         except FileNotFoundError:
+            sock.close()
             raise SnapError(errno.ENOENT, f"no daemon socket at {path}; start the daemon "
                             "with `snapengine serve` (or `make run`)")
         except PermissionError:
+            sock.close()
             raise SnapError(errno.EACCES, f"no permission to use {path} (root or the daemon's "
                             "user only)")
         except OSError as e:
+            sock.close()
             raise SnapError(e.errno or errno.ECONNREFUSED, f"cannot reach the daemon at {path} "
                             f"({e.strerror}); start it with `snapengine serve`")
+
+
+def request(path: str, op: str, **args: Any) -> Any:
+    """Send one request to the daemon at ``path``; return its result or raise SnapError."""
+    sock = _connect(path)
+    try:
         try:
             sock.sendall(json.dumps({"op": op, **args}).encode() + b"\n")
         except OSError:

@@ -18,6 +18,8 @@ reads as zeroes). An entry is ``(slot, checksum)``:
 
     (0, 0)        the block has not changed since the snapshot point
     (s, c)        changed; its old content is slot s (1-based), c = block checksum
+    (s|AHEAD, c)  not changed, but its old content is saved in slot s: copied ahead
+                  with the 64 KiB cluster of a block that did change
     (MARK, c)     changed in incremental mode; no data kept, c = mark checksum
 
 In an incremental (index-only) file the data area has been released; ``(s, c)``
@@ -95,6 +97,8 @@ ENTRY_SIZE = ENTRY.size
 PAGE_BLOCKS = 256  # entries per index page: one page covers 1 MiB of origin
 PAGE_SIZE = PAGE_BLOCKS * ENTRY_SIZE  # 4096 bytes
 MARK = 0xFFFF_FFFF_FFFF_FFFF  # slot value of a change recorded without data
+AHEAD = 1 << 62  # slot flag: saved ahead with its cluster, not changed (yet)
+SLOT_MASK = AHEAD - 1  # the slot number in a slot field
 INTENT_SHIFT = 26  # log2 of the origin bytes one write-intent bit covers
 INTENT_REGION = 1 << INTENT_SHIFT  # 64 MiB: a power cut can add at most this per dirty bit
 
@@ -155,6 +159,10 @@ def block_checksums(data: memoryview, block: int, seed: int) -> array:
     blocks = map(data.__getitem__, map(slice, starts, range(BLOCK_SIZE, (n + 1) << BLOCK_SHIFT,
                                                             BLOCK_SIZE)))
     return _nonzero(array("Q", map(_xxh3, blocks, range(seed + block, seed + block + n))))
+
+
+def mark_checksum(block: int, seed: int) -> int:
+    return _xxh3(_U64.pack(block), seed ^ SEED_MARK) or 1
 
 
 def mark_checksums(blocks: Iterable[int], seed: int) -> array:
@@ -301,6 +309,9 @@ class CowFile:
     def read_page(self, page: int) -> bytes:
         raw = self.io.pread(PAGE_SIZE, INDEX_OFFSET + page * PAGE_SIZE)
         return raw if len(raw) == PAGE_SIZE else raw + bytes(PAGE_SIZE - len(raw))
+
+    def write_page(self, page: int, data: bytes) -> None:
+        self.io.pwrite(data, INDEX_OFFSET + page * PAGE_SIZE)
 
     def write_entries(self, block: int, entries) -> None:
         """Write consecutive index entries (an array of u64) starting at ``block``."""

@@ -1,15 +1,18 @@
 """The in-memory side of a COW file's index: pages of entries, cached, checked.
 
 An ``IndexPage`` holds the 256 entries of one on-disk page (``entries``: slot and
-checksum interleaved, as on disk) and ``done``, a 256-bit int with bit i set when
-block i needs nothing more from a writer (its old data is safe, or its change is
-recorded). Checking a whole request against ``done`` is one int operation, which is
-what keeps the re-touch write path cheap.
+checksum interleaved, as on disk) and two 256-bit ints: ``saved`` (bit i: block i's
+old data is in the COW file) and ``changed`` (bit i: block i was written since the
+snapshot point). Checking a whole request against them is one int operation, which is
+what keeps the re-touch path cheap.
 
-``Index`` caches pages in an LRU bounded by the minor's ``-c``. Pages are written
-through (the engine writes entries to the COW file before it changes a page), so a
-page is never dirty and eviction never writes. A page that a write is about to change
-is pinned and stays cached.
+``Index`` caches pages in an LRU bounded by the minor's ``-c``. Saved entries are
+written through before the page changes in memory. Change marks are not: a page that
+holds marks not yet on disk is *dirty*, and is written back when evicted or at a clean
+point (the write-intent record covers them meanwhile, see tracker.py). An evicted
+dirty page waits in ``_writeback`` until written, and a reload takes it from there,
+never from the stale disk. Write-backs are serialized and always write the page's
+latest content. A page that a write is about to change is pinned and stays cached.
 """
 
 from __future__ import annotations
@@ -21,14 +24,13 @@ from itertools import compress
 from operator import or_
 
 from .cache import LRUCache
-from .cowfile import MARK, PAGE_BLOCKS, PAGE_SIZE, CowFile, mark_checksums
+from .cowfile import AHEAD, MARK, PAGE_BLOCKS, PAGE_SIZE, SLOT_MASK, CowFile, mark_checksums
 from .errors import SnapError
 
 PAGE_COST = 5632  # bytes one cached page costs in the daemon: entries, objects, malloc slack
 MIN_CACHE_PAGES = 1024  # floor of the cache (5.5 MiB): room for every page in flight
 _ZERO_PAGE = bytes(PAGE_SIZE)
 _EMPTY_ENTRIES = array("Q", [0]) * (2 * PAGE_BLOCKS)  # copied by slicing: no over-allocation
-_ALL = (1 << PAGE_BLOCKS) - 1
 
 
 def bit_runs(bits: int):
@@ -47,54 +49,69 @@ def span_bits(start: int, end: int) -> int:
 
 
 class IndexPage:
-    __slots__ = ("number", "entries", "done", "pins")
+    __slots__ = ("number", "entries", "saved", "changed", "pins", "dirty", "version")
 
-    def __init__(self, number: int, entries: array, done: int) -> None:
+    def __init__(self, number: int, entries: array, saved: int, changed: int) -> None:
         self.number = number
         self.entries = entries  # array('Q'): slot, checksum, slot, checksum, ...
-        self.done = done
-        self.pins = 0
+        self.saved = saved
+        self.changed = changed
+        self.pins = 0  # writes in flight on this page: it must stay cached
+        self.dirty = False  # entries differ from the disk (change marks not written)
+        self.version = 0  # +1 on every change of entries, to detect stale write-backs
 
     @classmethod
     def parse(cls, number: int, raw: bytes, nr_slots: int, seed: int, path: str) -> "IndexPage":
         """Build a page from disk, checking every entry (see cowfile's design notes)."""
         entries = _EMPTY_ENTRIES[:]  # exactly PAGE_SIZE of storage
         if raw == _ZERO_PAGE:
-            return cls(number, entries, 0)
+            return cls(number, entries, 0, 0)
         memoryview(entries).cast("B")[:] = raw
         slots, csums = entries[0::2], entries[1::2]
         used = list(compress(range(PAGE_BLOCKS), map(or_, slots, csums)))  # C-level scan
         first = number * PAGE_BLOCKS
         marked = [i for i in used if slots[i] == MARK]
         marks = dict(zip(marked, mark_checksums([first + i for i in marked], seed)))
-        done = 0
+        saved = changed = 0
         for i in used:
             slot, csum = slots[i], csums[i]
-            if not slot or not csum or (slot > nr_slots if slot != MARK else csum != marks[i]):
+            if slot == MARK:
+                bad = csum != marks[i]
+            else:
+                bad = not csum or slot >> 63 or not 0 < slot & SLOT_MASK <= nr_slots
+                saved |= 1 << i
+            if bad:
                 raise SnapError(errno.EUCLEAN, f"{path}: corrupt index entry for block "
                                 f"{first + i} (slot {slot:#x}, checksum {csum:#x}; "
                                 f"{nr_slots} slots in use)")
-            done |= 1 << i
-        return cls(number, entries, done)
+            if slot == MARK or not slot & AHEAD:
+                changed |= 1 << i
+        return cls(number, entries, saved, changed)
 
     def count(self) -> int:
-        return self.done.bit_count()
+        """Changed blocks in this page."""
+        return self.changed.bit_count()
 
 
 class Index:
     """Block → entry map of one COW file.
 
-    Thread-safety: call every method with ``cond`` held. ``pages()`` may release
-    ``cond`` while it reads from disk; pages it returns stay valid while ``cond`` is
-    held, and beyond that only if pinned.
+    Thread-safety: call every method with ``cond`` held, except ``peek`` (lock-free,
+    possibly stale), ``write_back`` and ``flush`` (which take it themselves).
+    ``pages()`` may release ``cond`` while it reads from or writes to disk; pages it
+    returns stay valid while ``cond`` is held, and beyond that only if pinned.
     """
 
     def __init__(self, cow: CowFile, cond: threading.Condition, max_cache_bytes: int) -> None:
         self.cow = cow
         self._cond = cond
         self._loading: set[int] = set()
+        self._writeback: dict[int, IndexPage] = {}  # evicted, not yet written
+        self._evicted: list[IndexPage] = []  # dirty pages to write once the lock is free
+        self._wb_lock = threading.Lock()  # one write-back at a time: the latest wins
         self._cache: LRUCache[int, IndexPage] = LRUCache(
-            self._bound(max_cache_bytes), PAGE_COST, pinned=lambda p: p.pins > 0)
+            self._bound(max_cache_bytes), PAGE_COST, pinned=lambda p: p.pins > 0,
+            dispose=self._dispose)
         self.loads = 0
         self.slot_limit = cow.header.nr_slots  # highest slot an entry may name; engine-kept
 
@@ -109,8 +126,8 @@ class Index:
     def resize(self, max_cache_bytes: int) -> None:
         self._cache.resize(self._bound(max_cache_bytes))
 
-    def cached(self, number: int) -> IndexPage | None:
-        return self._cache.get(number)
+    def peek(self, number: int) -> IndexPage | None:
+        return self._cache.peek(number)
 
     def pages(self, first: int, end: int) -> list[IndexPage]:
         """The pages covering blocks [first, end), loading those not cached."""
@@ -127,12 +144,14 @@ class Index:
                 return pages  # type: ignore[return-value]
             for number in missing:
                 self._load(number)
-
-    def page(self, number: int) -> IndexPage:
-        return self.pages(number * PAGE_BLOCKS, number * PAGE_BLOCKS + 1)[0]
+            self.write_evicted()
 
     def _load(self, number: int) -> None:
         if number in self._cache:
+            return
+        page = self._writeback.pop(number, None)  # evicted dirty: newer than the disk
+        if page is not None:
+            self._cache.put(number, page)
             return
         if number in self._loading:  # another thread is reading it: wait for it
             while number in self._loading:
@@ -151,17 +170,56 @@ class Index:
         self.loads += 1
         self._cache.put(number, page)
 
+    def _dispose(self, page: IndexPage) -> None:
+        if page.dirty:
+            self._writeback[page.number] = page
+            self._evicted.append(page)
+
+    def write_evicted(self) -> None:
+        """Write the dirty pages just evicted; ``cond`` is released meanwhile."""
+        if not self._evicted:
+            return
+        evicted, self._evicted = self._evicted, []
+        self._cond.release()
+        try:
+            for page in evicted:
+                self.write_back(page)
+        finally:
+            self._cond.acquire()
+
+    def write_back(self, page: IndexPage) -> None:
+        """Write ``page``'s latest entries if it is dirty. Call without ``cond``."""
+        with self._wb_lock:
+            with self._cond:
+                if not page.dirty:
+                    return
+                data, version = page.entries.tobytes(), page.version
+            self.cow.write_page(page.number, data)
+            with self._cond:
+                if page.version == version:
+                    page.dirty = False
+                    if self._writeback.get(page.number) is page:
+                        del self._writeback[page.number]
+
+    def flush(self) -> None:
+        """Write every dirty page (cached or evicted). Call without ``cond``, with no
+        write in flight."""
+        with self._cond:
+            pages = self._cache.values() + list(self._writeback.values())
+        for page in pages:
+            self.write_back(page)
+
     # -- reading entries -------------------------------------------------------------
     @staticmethod
-    def todo(pages: list[IndexPage], first: int, end: int) -> list[tuple[int, int]]:
-        """Runs (block, count) in [first, end) whose bit in ``done`` is clear."""
+    def unsaved(pages: list[IndexPage], first: int, end: int) -> list[tuple[int, int]]:
+        """Runs (block, count) in [first, end) whose old data is not saved."""
         runs: list[tuple[int, int]] = []
         base = pages[0].number * PAGE_BLOCKS
         for page in pages:
             lo = max(first - base, 0)
             hi = min(end - base, PAGE_BLOCKS)
             want = span_bits(lo, hi)
-            missing = want & ~page.done
+            missing = want & ~page.saved
             if missing == want and not runs:  # the usual first touch: one run
                 runs.append((base + lo, hi - lo))
             else:
@@ -173,6 +231,17 @@ class Index:
                         runs.append((block, length))
             base += PAGE_BLOCKS
         return runs
+
+    @staticmethod
+    def unchanged(pages: list[IndexPage], first: int, end: int) -> list[tuple[IndexPage, int]]:
+        """(page, bits) of the blocks in [first, end) not marked changed."""
+        out = []
+        for page in pages:
+            base = page.number * PAGE_BLOCKS
+            bits = span_bits(max(first - base, 0), min(end - base, PAGE_BLOCKS)) & ~page.changed
+            if bits:
+                out.append((page, bits))
+        return out
 
     @staticmethod
     def entries(pages: list[IndexPage], first: int, end: int) -> array:
@@ -189,30 +258,27 @@ class Index:
         return out
 
     @staticmethod
-    def set_entries(pages: list[IndexPage], block: int, entries: array) -> None:
-        """Store entries for consecutive blocks from ``block``."""
+    def store(pages: list[IndexPage], block: int, entries: array) -> None:
+        """Store entries (already on disk) for consecutive blocks from ``block``."""
         n = len(entries) // 2
-        if len(pages) == 1:
-            lo = (block - pages[0].number * PAGE_BLOCKS) << 1
-            pages[0].entries[lo:lo + 2 * n] = entries
-            return
-        for page in pages:
-            base = page.number * PAGE_BLOCKS
-            lo = max(block - base, 0)
-            hi = min(block + n - base, PAGE_BLOCKS)
-            if lo >= hi:
-                continue
-            src = 2 * (base + lo - block)
-            page.entries[2 * lo:2 * hi] = entries[src:src + 2 * (hi - lo)]
-
-    @staticmethod
-    def mark_done(pages: list[IndexPage], block: int, n: int) -> None:
-        if len(pages) == 1:
-            pages[0].done |= ((1 << n) - 1) << (block - pages[0].number * PAGE_BLOCKS)
-            return
         for page in pages:
             base = page.number * PAGE_BLOCKS
             lo = max(block - base, 0)
             hi = min(block + n - base, PAGE_BLOCKS)
             if lo < hi:
-                page.done |= span_bits(lo, hi)
+                src = 2 * (base + lo - block)
+                page.entries[2 * lo:2 * hi] = entries[src:src + 2 * (hi - lo)]
+                page.version += 1
+
+    @staticmethod
+    def mark(pages: list[IndexPage], block: int, n: int, changed: int) -> None:
+        """Blocks [block, block + n) are saved; those whose bit is set in ``changed``
+        (bit 0 is ``block``) have changed too."""
+        for page in pages:
+            base = page.number * PAGE_BLOCKS
+            lo = max(block - base, 0)
+            hi = min(block + n - base, PAGE_BLOCKS)
+            if lo < hi:
+                page.saved |= span_bits(lo, hi)
+                shift = base + lo - block  # the bit of page block ``lo`` in ``changed``
+                page.changed |= ((changed >> shift) & ((1 << (hi - lo)) - 1)) << lo

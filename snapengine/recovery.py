@@ -2,13 +2,12 @@
 
 Used when the daemon restarts (registry) and when a reloaded minor's origin gets its
 first client. A clean file must match its header exactly (every index entry valid,
-their count equal to the header's). A file that was not closed cleanly is resumed if
-the process died under this same boot: entries are written through to the page cache
-before each origin write (tracker.py), so the file holds every change that reached the
-origin, and the counters are rebuilt from the index. After a reboot (power cut)
-unsynced writes may be lost: an incremental file is made a superset of the truth from
-its write-intent record, a durable snapshot keeps exactly what reached the disk, and
-any other snapshot fails.
+their count equal to the header's). A file that was not closed cleanly is recovered
+(tracker.py says why each step is safe): saved data and entries are written through,
+so after the death of the process (same boot) the snapshot is exact; change marks are
+made up from the write-intent record, a superset of the truth. After a reboot (power
+cut) unsynced writes may be lost: a durable snapshot keeps exactly what reached the
+disk, any other snapshot fails; change lists are still a superset.
 """
 
 from __future__ import annotations
@@ -18,8 +17,8 @@ import logging
 from array import array
 
 from .changes import index_pages, scan, verify_index
-from .cowfile import (FLAG_FAILED, INTENT_REGION, MARK, PAGE_BLOCKS, CowFile, block_checksums,
-                      boot_id, mark_checksums)
+from .cowfile import (AHEAD, FLAG_FAILED, INTENT_REGION, MARK, PAGE_BLOCKS, SLOT_MASK, CowFile,
+                      block_checksums, boot_id, mark_checksums)
 from .errors import SnapError
 from .fileio import FileIO
 from .units import BLOCK_SIZE, nr_blocks
@@ -82,20 +81,17 @@ def _check_identity(cow: CowFile, origin_size: int, incremental: bool | None,
 def _recover(cow: CowFile) -> None:
     """Resume a file left dirty by an unclean stop, or raise EUCLEAN.
 
-    Same boot (the process died, the page cache did not): the index holds every change
-    that reached the origin; rebuild the counters from it. Another boot (power cut):
-    an incremental file presumes every block of its write-intent regions changed; a
-    durable snapshot drops the entries whose saved data did not reach the disk (their
-    origin blocks were never overwritten); any other snapshot cannot be proven.
+    Saved data and its entries are written through (same boot: the page cache kept
+    them all); change marks are not, but the write-intent bit of their region was made
+    durable first: every block of a marked region is presumed changed, a superset.
+    Another boot (power cut): a durable snapshot also drops the entries whose saved
+    data did not reach the disk (their origin blocks were never overwritten); any other
+    snapshot cannot be proven.
     """
     h = cow.header
     same_boot = h.boot_id == boot_id()
     if h.incremental:
         slots = h.nr_slots  # fixed when the data was released
-        if not same_boot:
-            presumed = presume_changed(cow, cow.read_intents())
-            log.warning("%s: power cut: %d blocks of the write-intent regions presumed "
-                        "changed", cow.path, presumed)
     elif same_boot:
         slots = max(0, (cow.io.size() - h.data_offset) // BLOCK_SIZE)
     elif h.durable:
@@ -107,6 +103,8 @@ def _recover(cow: CowFile) -> None:
         raise SnapError(errno.EUCLEAN, f"{cow.path} was not closed cleanly and the machine has "
                         "restarted since: snapshot data that was not synced may be lost "
                         "(serve with --durable to keep snapshots across power cuts)")
+    presumed = presume_changed(cow, cow.read_intents(), h.incremental)
+    log.warning("%s: %d blocks of its write-intent regions presumed changed", cow.path, presumed)
     found = scan(cow, slots)
     cow.sync()
     cow.write_header(nr_changed_blocks=found.count, nr_slots=max(found.top_slot, h.nr_slots))
@@ -114,8 +112,10 @@ def _recover(cow: CowFile) -> None:
                 cow.path, found.count, found.top_slot)
 
 
-def presume_changed(cow: CowFile, regions: set[int]) -> int:
-    """Mark every unmarked block of ``regions`` changed; return how many were marked."""
+def presume_changed(cow: CowFile, regions: set[int], incremental: bool) -> int:
+    """Mark changed every block of ``regions`` that could have been written: saved
+    ones (AHEAD cleared) and, in an incremental file, all others (MARK); return how
+    many were not marked before."""
     h = cow.header
     nr = nr_blocks(h.origin_size)
     marked = 0
@@ -130,10 +130,15 @@ def presume_changed(cow: CowFile, regions: set[int]) -> int:
             marks = mark_checksums(range(first, first + count), h.seed)
             changed = False
             for i in range(count):
-                if not entries[2 * i]:
+                slot = entries[2 * i]
+                if slot != MARK and slot & AHEAD:
+                    entries[2 * i] = slot & SLOT_MASK
+                elif not slot and incremental:
                     entries[2 * i], entries[2 * i + 1] = MARK, marks[i]
-                    marked += 1
-                    changed = True
+                else:
+                    continue
+                marked += 1
+                changed = True
             if changed:
                 cow.write_entries(first, entries[:2 * count])
     return marked
@@ -154,6 +159,7 @@ def drop_unsaved(cow: CowFile, slot_limit: int) -> int:
             if not slot or slot == MARK:
                 continue
             data[:] = bytes(BLOCK_SIZE)
+            slot &= SLOT_MASK
             got = cow.io.pread_into(data, cow.slot_offset(slot))
             if got == BLOCK_SIZE and \
                     block_checksums(memoryview(data), first + i, h.seed)[0] == csum:

@@ -2,45 +2,55 @@
 
 Design notes
 ------------
-Each block of a tracked origin is, for the minor's COW file, in one of four states:
+Two facts per block of a tracked origin: **saved** (snapshot mode: its old data is in
+the COW file) and **changed** (it was written since the snapshot point). A saved block
+passes through these states:
 
     UNSAVED    no entry, no claim
-    CLAIMED    one writer owns it: it is saving the old data (snapshot mode) or
-               writing the change mark (incremental mode)
-    PUBLISHED  snapshot mode: the entry is in memory, new readers read the saved copy;
-               readers that started earlier may still be reading the origin
-    DONE       bit set in the page's ``done``: writers go straight to the origin
+    CLAIMED    one writer owns it: it is copying the old data
+    PUBLISHED  the entry is in memory: new readers read the saved copy; readers that
+               started earlier may still be reading the origin
+    SAVED      bit set in the page's ``saved``: writers may overwrite the origin
 
 Write path (``before_write``, called by the origin before it changes blocks):
 
- 1. Under the lock: the blocks of the request not DONE (one int operation per page).
-    None left: return; this is the whole cost of a re-touch write.
- 2. Wait while another writer's claim overlaps them; claim them, allocate data slots
-    (the ``-f`` limit is checked here), pin their index pages.
+ 1. Lock-free: every block of the request already changed (one int operation on the
+    cached page)? Then return: this is the whole cost of a re-touch write.
+ 2. Snapshot mode, under the lock: the blocks not saved in the request's 64 KiB
+    clusters (COPY_BLOCKS); wait while another claim overlaps them; claim them,
+    allocate slots (the ``-f`` limit), pin their pages.
  3. Without the lock: read the old data from the origin, checksum it, write it to its
-    slots, then write the entries (snapshot); or write the marks (incremental).
+    slots, then write the entries: changed for the blocks of the request, AHEAD (saved,
+    not changed) for the rest of their clusters. ``--durable``: fdatasync (group commit).
  4. Under the lock: publish the entries; wait for every read that started before this
-    point and overlaps the claim; set DONE; drop the claim.
- 5. The origin writes the new data.
+    point and overlaps the claim; set SAVED (and changed); drop the claim.
+ 5. Blocks of the request saved earlier but not yet changed (AHEAD), or, in incremental
+    mode, not yet marked: make the write-intent bit of their 64 MiB region durable
+    (once per region between clean points), then mark them changed in memory. The
+    page is now dirty: its marks reach the disk when it is evicted or at a clean point.
+ 6. The origin writes the new data.
 
 Why it is safe: a block of the origin is overwritten only after its old data and then
-its entry are in the COW file, and after every snapshot read that could have chosen to
-read that block from the origin has finished. A read that starts later sees the entry
-and reads the saved copy. Two writers of one block never both copy it (the claim), and
-the second cannot overwrite it before the first has saved it (it waits on the claim).
-Entries are written through, never cached dirty, so a crash of the process leaves the
-COW file consistent with every origin write that was issued.
+its entry are in the COW file (written through: a crash of the process cannot lose
+them), and after every snapshot read that could have chosen to read that block from
+the origin has finished. A read that starts later sees the entry and reads the saved
+copy. Two writers of one block never both copy it (the claim), and the second cannot
+overwrite it before the first has saved it (it waits on the claim). Change marks may
+be lost by a crash, but never unnoticed: their region's intent bit was durable first,
+and recovery counts every block of a marked region as changed (a superset).
 
-Read path (``read``): under the lock, register a hold and take the entries; without it,
-read saved blocks from the COW file (checking each block's checksum) and the others
-from the origin; drop the hold.
+Read path (``read``), lock-free when the page is cached: register a hold (a ticket
+and a dict entry, both atomic), take the entries; read saved blocks from the COW file
+(checking each block's checksum) and the others from the origin; drop the hold. A
+writer in step 4 takes a ticket after publishing, and waits for every older hold.
 
 Failure: any error while saving (I/O, ENOSPC, the ``-f`` limit, a corrupt index page)
 fails the snapshot. ``error`` is set, waiting writers are released, every later write
 goes straight to the origin, reads answer EIO. The write that met the error succeeds:
 the origin never loses a write.
 
-No lock is held across I/O: page loads (index.py) and data copies release it.
+No lock is held across I/O: page loads and write-backs (index.py), data copies and
+intent syncs release it.
 """
 
 from __future__ import annotations
@@ -49,20 +59,24 @@ import errno
 import logging
 import threading
 from array import array
+from itertools import chain, count, repeat
+from operator import and_
 from typing import Callable
 
-from .cowfile import (FLAG_CLEAN, FLAG_FAILED, FLAG_INCREMENTAL, INTENT_SHIFT, MARK, CowFile,
-                      block_checksums, boot_id, mark_checksums)
+from .cowfile import (AHEAD, FLAG_CLEAN, FLAG_FAILED, FLAG_INCREMENTAL, INTENT_SHIFT, MARK,
+                      SLOT_MASK, CowFile, block_checksums, boot_id, mark_checksum,
+                      mark_checksums)
 from .errors import SnapError
 from .fileio import FileIO, GroupSync
-from .index import Index, IndexPage
-from .units import BLOCK_SHIFT, BLOCK_SIZE
+from .index import Index, IndexPage, bit_runs
+from .units import BLOCK_SHIFT, BLOCK_SIZE, nr_blocks
 
 log = logging.getLogger(__name__)
 
 PAGE_SHIFT = 8  # log2(PAGE_BLOCKS): block >> PAGE_SHIFT is its index page
-REGION_SHIFT = INTENT_SHIFT - BLOCK_SHIFT  # block >> REGION_SHIFT is its write-intent region
 PAGE_MASK = (1 << PAGE_SHIFT) - 1
+COPY_BLOCKS = 16  # blocks saved together on a first touch: 64 KiB clusters, as qemu
+REGION_SHIFT = INTENT_SHIFT - BLOCK_SHIFT  # block >> REGION_SHIFT is its write-intent region
 REUSE_MAX = 1 << 20  # copy buffers up to this size are kept per thread (16 threads: 16 MiB)
 
 _local = threading.local()
@@ -81,7 +95,7 @@ def copy_buffer(nbytes: int) -> memoryview:
 class Claim:
     """Blocks one writer is saving: runs of (block, count, first slot)."""
 
-    __slots__ = ("first", "end", "runs", "pages", "entries")
+    __slots__ = ("first", "end", "runs", "pages", "entries", "changed")
 
     def __init__(self, first: int, end: int, runs: list[tuple[int, int, int]],
                  pages: list[IndexPage]) -> None:
@@ -90,19 +104,16 @@ class Claim:
         self.runs = runs
         self.pages = pages
         self.entries: list[array] = []
-
-    @property
-    def nr_blocks(self) -> int:
-        return sum(count for _, count, _ in self.runs)
+        self.changed: list[int] = []  # per run: bits of the blocks the write changes
 
 
 class CowTracker:
-    """Base of both modes: claims, failure, the COW file's header bookkeeping.
+    """Base of both modes: change marks, write intents, failure, the header.
 
-    Locking: ``_lock`` guards the index (and its cache), the claims and the holds; it is
-    held for in-memory work only. ``_cond`` (on the same lock) is waited on by writers
-    for other claims, by committing writers for older reads (``_draining``), and by
-    page loads. Reads drop their hold without the lock (dict deletion is atomic) and
+    Locking: ``_lock`` guards the index (and its cache) and the claims; it is held for
+    in-memory work only. ``_cond`` (on the same lock) is waited on by writers for other
+    claims, by committing writers for older reads (``_draining``), and by page loads.
+    Reads register and drop their holds without the lock (atomic dict operations) and
     take it only to wake a draining writer.
     """
 
@@ -113,6 +124,7 @@ class CowTracker:
         self.cow = cow
         self.origin_io = origin_io
         self.seed = cow.header.seed
+        self.nr_blocks = nr_blocks(cow.header.origin_size)
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self.index = Index(cow, self._cond, max_cache_bytes)
@@ -123,118 +135,101 @@ class CowTracker:
         self.on_fail = on_fail
         self.durable = cow.header.durable
         self.group_sync = GroupSync(cow.io)
-        self.saved_blocks = 0  # blocks saved or marked by this process, for the benchmark
+        self.saved_blocks = 0  # blocks saved by this process, for the benchmark
         self._claims: list[Claim] = []
         self._waiting = 0  # writers waiting for a claim to end
-        self._holds: dict[int, tuple[int, int]] = {}  # reads in flight: id -> blocks
-        self._next_hold = 0
+        self._holds: dict[int, tuple[int, int]] = {}  # reads in flight: ticket -> blocks
+        self._tickets = count()  # next() is atomic: read tickets, and writers' horizons
         self._draining = 0  # threads waiting for reads to end: reads must wake them
         self._closed = False
+        self._intent_lock = threading.Lock()
+        self._intent_written: dict[int, int] = {}  # bitmap byte -> value written
+        self._intent_durable: dict[int, int] = {}  # bitmap byte -> bits known durable
+        for region in cow.read_intents():
+            byte, bit = region >> 3, 1 << (region & 7)
+            self._intent_written[byte] = self._intent_durable[byte] = \
+                self._intent_written.get(byte, 0) | bit
 
     # -- the write path ---------------------------------------------------------------
     def before_write(self, first: int, end: int) -> None:
-        """Make blocks [first, end) safe to overwrite. Never raises."""
-        if self.error:
+        """Make blocks [first, end) safe to overwrite, and mark them changed.
+        Never raises: a failure fails the snapshot, not the write."""
+        if self.error or self._all_changed(first, end):
             return
         try:
-            with self._lock:
-                if self._all_done(first, end):  # the re-touch fast path
-                    return
-                claim = self._claim(first, end)
-            if claim is None:
-                return
-            try:
-                self._save(claim)
-            except BaseException:
-                with self._lock:
-                    self._release(claim)
-                raise
-            with self._lock:
-                self._commit(claim)
+            self._save(first, end)
+            self._mark_changed(first, end)
         except Exception as e:  # the write goes on; the snapshot says it is broken
             self.fail(e)
 
-    def _all_done(self, first: int, end: int) -> bool:
-        """Blocks [first, end) all DONE, judged from a cached page alone (else False)."""
+    def _all_changed(self, first: int, end: int) -> bool:
+        """Blocks [first, end) all changed, judged lock-free from a cached page (else
+        False). A page's bits only ever get set, so a stale page cannot say yes wrongly."""
         number = first >> PAGE_SHIFT
         if (end - 1) >> PAGE_SHIFT != number:
             return False
-        page = self.index.cached(number)
+        page = self.index.peek(number)
         if page is None:
             return False
         want = ((1 << (end - first)) - 1) << (first & PAGE_MASK)
-        return page.done & want == want
+        return page.changed & want == want
 
-    def _claim(self, first: int, end: int) -> Claim | None:
-        while True:
-            if self.error or self._closed:
-                return None
-            pages = self.index.pages(first, end)
-            todo = Index.todo(pages, first, end)
-            if not todo:
-                return None
-            lo, hi = todo[0][0], todo[-1][0] + todo[-1][1]
-            if not any(c.first < hi and lo < c.end for c in self._claims):
-                break
-            self._waiting += 1
-            try:
-                self._cond.wait()
-            finally:
-                self._waiting -= 1
-        claim = Claim(lo, hi, self._allocate(todo), pages)
-        for page in pages:
-            page.pins += 1
-        self._claims.append(claim)
-        return claim
+    def _save(self, first: int, end: int) -> None:
+        """Snapshot mode: copy what is not saved yet (steps 2 to 4)."""
 
-    def _release(self, claim: Claim) -> None:
-        for page in claim.pages:
-            page.pins -= 1
-        if claim in self._claims:
-            self._claims.remove(claim)
-        if self._waiting:
-            self._cond.notify_all()
+    def _mark_changed(self, first: int, end: int) -> None:
+        """Step 5: mark changed the blocks of [first, end) saved but not changed."""
+        self._record_intents(first, end)
+        with self._lock:
+            for page, bits in Index.unchanged(self.index.pages(first, end), first, end):
+                bits = self._set_changed(page, bits)
+                page.changed |= bits
+                page.dirty = True
+                page.version += 1
+                self.nr_changed += bits.bit_count()
 
-    def _allocate(self, todo: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
+    def _set_changed(self, page: IndexPage, bits: int) -> int:
+        """Turn the entries of ``bits`` (unchanged blocks of ``page``) into changed
+        ones, in memory; return the bits that may be marked changed."""
         raise NotImplementedError
 
-    def _save(self, claim: Claim) -> None:
-        raise NotImplementedError
+    def _record_intents(self, first: int, end: int) -> None:
+        """Make the write-intent bits of the regions of [first, end) durable, if not yet."""
+        durable = self._intent_durable
+        region = first >> REGION_SHIFT
+        if region == (end - 1) >> REGION_SHIFT and durable.get(region >> 3, 0) >> (region & 7) & 1:
+            return  # the usual case, lock-free
+        new = [r for r in range(region, ((end - 1) >> REGION_SHIFT) + 1)
+               if not durable.get(r >> 3, 0) >> (r & 7) & 1]
+        if not new:
+            return
+        with self._intent_lock:
+            written = self._intent_written
+            for byte in {r >> 3 for r in new}:
+                value = written.get(byte, 0)
+                for r in new:
+                    if r >> 3 == byte:
+                        value |= 1 << (r & 7)
+                if value != written.get(byte, 0):
+                    self.cow.write_intent_byte(byte, value)
+                    written[byte] = value
+        self.group_sync.sync()  # covers what we (and anyone before us) wrote
+        with self._intent_lock:
+            for r in new:
+                durable[r >> 3] = durable.get(r >> 3, 0) | 1 << (r & 7)
 
-    def _commit(self, claim: Claim) -> None:
-        raise NotImplementedError
-
-    def _publish(self, claim: Claim) -> None:
-        for (block, _, _), entries in zip(claim.runs, claim.entries):
-            Index.set_entries(claim.pages, block, entries)
-
-    def _finish(self, claim: Claim) -> None:
-        for block, count, _ in claim.runs:
-            Index.mark_done(claim.pages, block, count)
-        n = claim.nr_blocks
-        self.nr_changed += n
-        self.saved_blocks += n
-        self._release(claim)
+    def _forget_intents(self) -> None:
+        """At a clean point (every mark written and synced): no region is in doubt."""
+        with self._intent_lock:
+            self.cow.clear_intents(self._intent_written)
+            self._intent_written.clear()
+            self._intent_durable.clear()
 
     # -- reads in flight ----------------------------------------------------------------
-    def _hold(self, first: int, end: int) -> int:
-        """Register a read of blocks [first, end); call with ``_lock`` held."""
-        hold = self._next_hold
-        self._next_hold = hold + 1
-        self._holds[hold] = (first, end)
-        return hold
-
-    def _unhold(self, hold: int) -> None:
-        """End a read; no lock needed. Deleting before looking at ``_draining`` pairs
-        with a drainer raising ``_draining`` before it looks at the holds."""
-        del self._holds[hold]
-        if self._draining:
-            with self._lock:
-                self._cond.notify_all()
-
     def _drain(self, before: int, first: int, end: int) -> None:
-        """Wait, with ``_lock`` held, until no read older than ``before`` overlaps
-        blocks [first, end)."""
+        """Wait, with ``_lock`` held, until no read older than ticket ``before`` overlaps
+        blocks [first, end). Reads delete their hold before looking at ``_draining``;
+        a drainer raises ``_draining`` before it looks at the holds: no lost wake-up."""
         self._draining += 1
         try:
             while any(h < before and f < end and first < e
@@ -268,10 +263,11 @@ class CowTracker:
         The caller has closed the origin's write gate, so no write is in flight."""
         with self._lock:
             self._closed = True
-            self._drain(self._next_hold, 0, 1 << 62)
+            self._drain(next(self._tickets), 0, 1 << 62)
 
     def checkpoint(self, clean: bool, flags: int | None = None) -> None:
-        """Write the header with the counters; if ``clean``, sync everything first.
+        """Write the header with the counters; if ``clean``, first write every pending
+        mark and sync everything, then forget the write intents.
 
         Call with no write in flight (the origin's gate closed, or no client)."""
         h = self.cow.header
@@ -280,14 +276,12 @@ class CowTracker:
         if self.error:
             flags |= FLAG_FAILED
         if clean:
+            self.index.flush()
             self.cow.sync()
             self._forget_intents()
         self.cow.write_header(flags=flags, nr_changed_blocks=self.nr_changed,
                               nr_slots=self.nr_slots, error=self.error,
                               boot_id=h.boot_id if clean else boot_id())
-
-    def _forget_intents(self) -> None:
-        """At a clean point (index synced): no region needs to be presumed changed."""
 
     @property
     def nr_slots(self) -> int:
@@ -300,10 +294,64 @@ class CowTracker:
     def resize_cache(self, max_cache_bytes: int) -> None:
         with self._lock:
             self.index.resize(max_cache_bytes)
+            self.index.write_evicted()
 
 
 class SnapshotTracker(CowTracker):
     """Snapshot mode: saves old data before overwrite and serves the snapshot image."""
+
+    def _save(self, first: int, end: int) -> None:
+        lo = first & ~(COPY_BLOCKS - 1)  # whole clusters: their neighbours come along
+        hi = min(-(-end // COPY_BLOCKS) * COPY_BLOCKS, self.nr_blocks)
+        with self._lock:
+            claim = self._claim(lo, hi)
+        if claim is None:
+            return
+        try:
+            self._copy(claim, first, end)
+        except BaseException:
+            with self._lock:
+                self._release(claim)
+            raise
+        with self._lock:
+            for (block, _, _), entries in zip(claim.runs, claim.entries):
+                Index.store(claim.pages, block, entries)  # PUBLISHED
+            self._drain(next(self._tickets), claim.first, claim.end)
+            for (block, n, _), changed in zip(claim.runs, claim.changed):
+                Index.mark(claim.pages, block, n, changed)  # SAVED
+                self.nr_changed += changed.bit_count()
+                self.saved_blocks += n
+            self._release(claim)
+
+    def _claim(self, first: int, end: int) -> Claim | None:
+        while True:
+            if self.error or self._closed:
+                return None
+            pages = self.index.pages(first, end)
+            todo = Index.unsaved(pages, first, end)
+            if not todo:
+                return None
+            lo, hi = todo[0][0], todo[-1][0] + todo[-1][1]
+            if not any(c.first < hi and lo < c.end for c in self._claims):
+                break
+            self._waiting += 1
+            try:
+                self._cond.wait()
+            finally:
+                self._waiting -= 1
+        claim = Claim(lo, hi, self._allocate(todo), pages)
+        for page in pages:
+            page.pins += 1
+        self._claims.append(claim)
+        return claim
+
+    def _release(self, claim: Claim) -> None:
+        for page in claim.pages:
+            page.pins -= 1
+        if claim in self._claims:
+            self._claims.remove(claim)
+        if self._waiting:
+            self._cond.notify_all()
 
     def _allocate(self, todo: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
         n = todo[0][1] if len(todo) == 1 else sum(count for _, count in todo)
@@ -312,36 +360,47 @@ class SnapshotTracker(CowTracker):
             raise SnapError(errno.EFBIG, f"COW file {self.cow.path} reached its limit of "
                             f"{limit} bytes (-f); the snapshot can no longer be kept")
         runs = []
-        for block, count in todo:
-            runs.append((block, count, self.next_slot))
-            self.next_slot += count
+        for block, count_ in todo:
+            runs.append((block, count_, self.next_slot))
+            self.next_slot += count_
         self.index.slot_limit = self.next_slot - 1
         return runs
 
-    def _save(self, claim: Claim) -> None:
-        for block, count, slot in claim.runs:
-            data = copy_buffer(count << BLOCK_SHIFT)
+    def _copy(self, claim: Claim, first: int, end: int) -> None:
+        """Step 3: old data to its slots, then the entries; blocks outside [first, end)
+        are saved AHEAD (not changed)."""
+        for block, n, slot in claim.runs:
+            data = copy_buffer(n << BLOCK_SHIFT)
             got = self.origin_io.pread_into(data, block << BLOCK_SHIFT)
             if got < len(data):  # the origin's last, partial block: pad with zeroes
                 data[got:] = bytes(len(data) - got)
-            entries = array("Q", bytes(16 * count))
-            entries[0::2] = array("Q", range(slot, slot + count))
+            p = min(max(first - block, 0), n)  # blocks before the request: ahead
+            q = min(max(end - block, p), n)  # from here on: ahead again
+            entries = array("Q", bytes(16 * n))
+            entries[0::2] = array("Q", chain(range(AHEAD + slot, AHEAD + slot + p),
+                                             range(slot + p, slot + q),
+                                             range(AHEAD + slot + q, AHEAD + slot + n)))
             entries[1::2] = block_checksums(data, block, self.seed)
             self.cow.write_data(slot, data)
             self.cow.write_entries(block, entries)
             claim.entries.append(entries)
+            claim.changed.append(((1 << (q - p)) - 1) << p)
         if self.durable:  # old data and entries reach the disk before the overwrite can
             self.group_sync.sync()
 
-    def _commit(self, claim: Claim) -> None:
-        self._publish(claim)  # PUBLISHED: new readers take the saved copy
-        self._drain(self._next_hold, claim.first, claim.end)
-        self._finish(claim)  # DONE
+    def _set_changed(self, page: IndexPage, bits: int) -> int:
+        entries = page.entries
+        bits &= page.saved  # never a block whose old data is not safe (a failed copy)
+        for start, length in bit_runs(bits):
+            for i in range(2 * start, 2 * (start + length), 2):
+                entries[i] &= SLOT_MASK
+        return bits
 
     def become_incremental(self, clean: bool) -> None:
-        """Keep only the record of changed blocks: the index synced (it is the list from
-        now on, and write intents only cover later changes), the header, then the data
-        dropped."""
+        """Keep only the record of changed blocks: every mark written and the index
+        synced (it is the list from now on; write intents only cover later changes),
+        the header, then the data dropped."""
+        self.index.flush()
         self.cow.sync()
         self.checkpoint(clean, flags=self.cow.header.flags | FLAG_INCREMENTAL)
         self.cow.release_data()
@@ -352,24 +411,12 @@ class SnapshotTracker(CowTracker):
         length = len(buf)
         first = offset >> BLOCK_SHIFT
         end = (offset + length + BLOCK_SIZE - 1) >> BLOCK_SHIFT
-        corrupt: SnapError | None = None
-        with self._lock:
+        hold = next(self._tickets)
+        self._holds[hold] = (first, end)  # before looking at anything: see _drain
+        try:
             if self.error or self._closed:
                 raise self._unreadable()
-            entries = self._cached_entries(first, end)
-            if entries is None:  # a page to load (the lock is released meanwhile)
-                try:
-                    entries = Index.entries(self.index.pages(first, end), first, end)
-                except SnapError as e:  # a corrupt index page: fail, outside the lock
-                    corrupt = e
-            if corrupt is None:
-                hold = self._next_hold
-                self._next_hold = hold + 1
-                self._holds[hold] = (first, end)
-        if corrupt is not None or entries is None:
-            self.fail(corrupt or SnapError(errno.EIO, "index page missing"))
-            raise self._unreadable()
-        try:
+            entries = self._entries(first, end)
             if entries.count(0) == len(entries):  # nothing saved: all from the origin
                 if self.origin_io.pread_into(buf, offset) != length:
                     raise SnapError(errno.EIO, f"short read from origin {self.origin_io.path} "
@@ -377,25 +424,27 @@ class SnapshotTracker(CowTracker):
             else:
                 self._read(memoryview(buf).cast("B"), offset, first, entries)
         except SnapError as e:
-            if e.errno == errno.EIO:
-                self.fail(e)
-            raise
+            if e.errno not in (errno.EIO, errno.EUCLEAN):
+                raise
+            self.fail(e)  # bad data or a corrupt index page: the snapshot is broken
+            raise SnapError(errno.EIO, e.detail)
         finally:
-            del self._holds[hold]  # see _unhold: no lock needed
+            del self._holds[hold]
             if self._draining:
                 with self._lock:
                     self._cond.notify_all()
 
-    def _cached_entries(self, first: int, end: int) -> array | None:
-        """Entries of blocks [first, end) if they lie in one cached page, else None."""
+    def _entries(self, first: int, end: int) -> array:
+        """Entries of blocks [first, end): from the cached page without the lock, else
+        under it (loading pages)."""
         number = first >> PAGE_SHIFT
-        if (end - 1) >> PAGE_SHIFT != number:
-            return None
-        page = self.index.cached(number)
-        if page is None:
-            return None
-        lo = (first & PAGE_MASK) << 1
-        return page.entries[lo:lo + ((end - first) << 1)]
+        if (end - 1) >> PAGE_SHIFT == number:
+            page = self.index.peek(number)
+            if page is not None:
+                lo = (first & PAGE_MASK) << 1
+                return page.entries[lo:lo + ((end - first) << 1)]
+        with self._lock:
+            return Index.entries(self.index.pages(first, end), first, end)
 
     def _unreadable(self) -> SnapError:
         if self.error:
@@ -403,12 +452,9 @@ class SnapshotTracker(CowTracker):
         return SnapError(errno.ENXIO, "the snapshot has been removed")
 
     def _read(self, view: memoryview, offset: int, first: int, entries: array) -> None:
-        slots = entries[0::2]
+        slots = array("Q", map(and_, entries[0::2], repeat(SLOT_MASK)))
         n = len(slots)
         zeros = slots.count(0)
-        if zeros == n:  # nothing saved: the origin has it all
-            self._read_run(view, offset, first, n, 0, entries)
-            return
         if not zeros and slots[-1] - slots[0] == n - 1 and \
                 slots == array("Q", range(slots[0], slots[0] + n)):
             self._read_run(view, offset, first, n, slots[0], entries[1::2])
@@ -422,10 +468,10 @@ class SnapshotTracker(CowTracker):
             self._read_run(view, offset, first + i, j - i, slot, entries[2 * i + 1:2 * j:2])
             i = j
 
-    def _read_run(self, view: memoryview, offset: int, block: int, count: int, slot: int,
+    def _read_run(self, view: memoryview, offset: int, block: int, count_: int, slot: int,
                   csums: array) -> None:
         start = block << BLOCK_SHIFT
-        stop = (block + count) << BLOCK_SHIFT
+        stop = (block + count_) << BLOCK_SHIFT
         lo = max(start, offset)
         hi = min(stop, offset + len(view))
         dst = view[lo - offset:hi - offset]
@@ -434,7 +480,7 @@ class SnapshotTracker(CowTracker):
                 raise SnapError(errno.EIO, f"short read from origin {self.origin_io.path} at {lo}")
             return
         whole = lo == start and hi == stop
-        data = dst if whole else copy_buffer(count << BLOCK_SHIFT)
+        data = dst if whole else copy_buffer(count_ << BLOCK_SHIFT)
         self.cow.read_data_into(slot, data)
         sums = block_checksums(data, block, self.seed)
         if sums != csums:
@@ -450,67 +496,31 @@ class SnapshotTracker(CowTracker):
 
 
 class IncrementalTracker(CowTracker):
-    """Incremental mode: records which blocks change, keeps no data.
-
-    Marks are written through (a crash of the process loses none), but not synced. So
-    that a power cut cannot lose one either, the first change in each 64 MiB region
-    since the last clean point first makes the region's write-intent bit durable; after
-    a power cut every block of a marked region counts as changed (recovery.py).
-    """
+    """Incremental mode: records which blocks change, keeps no data. A change costs a
+    mark in memory; the write-intent record keeps crashes from losing it."""
 
     incremental = True
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self._intent_lock = threading.Lock()
-        self._intent_written: dict[int, int] = {}  # bitmap byte -> value written
-        self._intent_durable: dict[int, int] = {}  # bitmap byte -> bits known durable
-        for region in self.cow.read_intents():
-            byte, bit = region >> 3, 1 << (region & 7)
-            self._intent_written[byte] = self._intent_durable[byte] = \
-                self._intent_written.get(byte, 0) | bit
-
-    def _allocate(self, todo: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
-        return [(block, count, 0) for block, count in todo]
-
-    def _save(self, claim: Claim) -> None:
-        self._record_intents(claim.runs)
-        for block, count, _ in claim.runs:
-            entries = array("Q", bytes(16 * count))
-            entries[0::2] = array("Q", [MARK]) * count
-            entries[1::2] = mark_checksums(range(block, block + count), self.seed)
-            self.cow.write_entries(block, entries)
-            claim.entries.append(entries)
-
-    def _record_intents(self, runs: list[tuple[int, int, int]]) -> None:
-        """Make the intent bits of the regions ``runs`` touch durable, if not yet."""
-        durable = self._intent_durable
-        new = [r for block, count, _ in runs
-               for r in range(block >> REGION_SHIFT, ((block + count - 1) >> REGION_SHIFT) + 1)
-               if not durable.get(r >> 3, 0) >> (r & 7) & 1]
-        if not new:
-            return
-        with self._intent_lock:
-            written = self._intent_written
-            for byte in {r >> 3 for r in new}:
-                value = written.get(byte, 0)
-                for r in new:
-                    if r >> 3 == byte:
-                        value |= 1 << (r & 7)
-                if value != written.get(byte, 0):
-                    self.cow.write_intent_byte(byte, value)
-                    written[byte] = value
-        self.group_sync.sync()  # covers what we (and anyone before us) wrote
-        with self._intent_lock:
-            for r in new:
-                durable[r >> 3] = durable.get(r >> 3, 0) | 1 << (r & 7)
-
-    def _forget_intents(self) -> None:
-        with self._intent_lock:
-            self.cow.clear_intents(self._intent_written)
-            self._intent_written.clear()
-            self._intent_durable.clear()
-
-    def _commit(self, claim: Claim) -> None:
-        self._publish(claim)
-        self._finish(claim)
+    def _set_changed(self, page: IndexPage, bits: int) -> int:
+        entries = page.entries
+        first = page.number << PAGE_SHIFT
+        if not bits & (bits - 1):  # one block: the usual 4 KiB write
+            i = bits.bit_length() - 1
+            if entries[2 * i]:
+                entries[2 * i] &= SLOT_MASK  # saved AHEAD in the snapshot phase
+            else:
+                entries[2 * i], entries[2 * i + 1] = MARK, mark_checksum(first + i, self.seed)
+            return bits
+        for start, length in bit_runs(bits):
+            lo, hi = 2 * start, 2 * (start + length)
+            if entries[lo:hi].count(0) == hi - lo:  # the usual case: no entry yet
+                entries[lo:hi:2] = array("Q", [MARK]) * length
+                entries[lo + 1:hi:2] = mark_checksums(range(first + start, first + start + length),
+                                                      self.seed)
+                continue
+            for i in range(start, start + length):  # saved AHEAD in the snapshot phase
+                if entries[2 * i]:
+                    entries[2 * i] &= SLOT_MASK
+                else:
+                    entries[2 * i], entries[2 * i + 1] = MARK, mark_checksum(first + i, self.seed)
+        return bits

@@ -86,6 +86,7 @@ class Scenario:
         count = min(self.rng.randint(1, 3), LAST + 1 - block)
         start = block * BLOCK_SIZE + self.rng.choice((0, 512, 1000))
         end = min((block + count) * BLOCK_SIZE - self.rng.choice((0, 100)), ORIGIN_SIZE)
+        start = min(start, end - 1)  # the last block holds only a few bytes
         data = self.rng.randbytes(end - start)
         self.h.pwrite(data, start, self.rng.random() < 0.2)
         self.apply(start, data)

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from snapengine.cowfile import CowFile
+from snapengine.cowfile import INDEX_OFFSET, CowFile
 from snapengine.engine import Engine
 from snapengine.errors import SnapError
 from snapengine.index import MIN_CACHE_PAGES, PAGE_COST
@@ -63,11 +63,11 @@ def test_flipped_byte_in_saved_data_reads_as_eio(engine, tmp_path):
     snap = engine.open_export("elastio-snap0", True)
     h.pwrite(b"n" * 8192, 4096, False)
     assert read(snap, 0, 64 * 1024) == old
-    cow = CowFile.open(str(tmp_path / "cow"), writable=False)
-    data_offset = cow.header.data_offset
-    cow.close()
+    with CowFile.open(str(tmp_path / "cow"), writable=False) as cow:
+        slot = cow.io.pread(8, INDEX_OFFSET + 2 * 16)[0]  # block 2's entry (a small slot)
+        at = cow.slot_offset(slot)
     with open(tmp_path / "cow", "r+b") as f:
-        f.seek(data_offset + 4096 + 100)  # second saved block
+        f.seek(at + 100)  # block 2's saved data
         byte = f.read(1)
         f.seek(-1, 1)
         f.write(bytes([byte[0] ^ 1]))
