@@ -23,6 +23,7 @@ for _dir in os.environ.get("SNAPENGINE_SITE", "").split(os.pathsep):
 import nbdkit  # noqa: E402  (provided by nbdkit's python plugin)
 
 from snapengine.daemon import Daemon  # noqa: E402
+from snapengine.errors import SnapError  # noqa: E402
 
 API_VERSION = 2
 log = logging.getLogger("snapengine.plugin")
@@ -82,7 +83,11 @@ def list_exports(readonly, is_tls):
 
 @_callback
 def open(readonly):
-    return daemon.engine.open_export(nbdkit.export_name(), readonly)
+    try:
+        name = nbdkit.export_name()
+    except UnicodeDecodeError:  # a client's bad name, not our failure
+        raise SnapError(errno.ENOENT, "export names are UTF-8")
+    return daemon.engine.open_export(name, readonly)
 
 
 @_callback

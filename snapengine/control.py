@@ -76,6 +76,15 @@ def _depth(value: Any, limit: int = MAX_DEPTH) -> int:
     return depth
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys are all different ({"op": "info", "op": "destroy"} is not
+    a request we dare guess the meaning of)."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        raise ValueError("duplicate keys")
+    return obj
+
+
 def _valid_string(value: str) -> bool:
     """At most 4096 characters, no NUL, and a valid file name: a lone surrogate such as
     "\\ud800" cannot be encoded (os functions would raise UnicodeEncodeError); escaped
@@ -92,7 +101,7 @@ def _valid_string(value: str) -> bool:
 def parse_request(line: bytes) -> tuple[str, dict[str, Any]]:
     """Check one request line against the schema; return (op, arguments)."""
     try:
-        req = json.loads(line)
+        req = json.loads(line, object_pairs_hook=_unique_keys)
     except (ValueError, RecursionError) as e:
         raise SnapError(errno.EINVAL, f"request is not JSON: {str(e)[:100]}")
     if not isinstance(req, dict) or _depth(req) > MAX_DEPTH:

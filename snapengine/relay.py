@@ -25,7 +25,8 @@ def parse_hostport(value: str) -> tuple[str, int]:
 class TcpRelay:
     def __init__(self, host: str, port: int, unix_path: str) -> None:
         self.unix_path = unix_path
-        self._sock = socket.create_server((host, port), reuse_port=False)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._sock = socket.create_server((host, port), family=family)
         self._stopping = False
 
     def start(self) -> None:

@@ -218,10 +218,15 @@ def supervise(cmd: list[str], env: dict[str, str], run_dir: str) -> int:
         print(f"snapengine: {e}: shutting down", file=sys.stderr)
         return shutdown(proc, run_dir)
     finally:
+        for name in (PID_FILE, "nbdkit.pid"):  # left by an nbdkit that was killed
+            try:
+                os.unlink(os.path.join(run_dir, name))
+            except FileNotFoundError:
+                pass
         try:
-            os.unlink(os.path.join(run_dir, PID_FILE))
-        except FileNotFoundError:
-            pass
+            remove_stale_socket(os.path.join(run_dir, "nbd.sock"))
+        except SnapError:
+            pass  # another daemon took over the run directory
 
 
 def shutdown(proc: subprocess.Popen, run_dir: str) -> int:
