@@ -161,6 +161,14 @@ def block_checksums(data: memoryview, block: int, seed: int) -> array:
     return _nonzero(array("Q", map(_xxh3, blocks, range(seed + block, seed + block + n))))
 
 
+def block_checksums_at(data: memoryview, indexes: list[int], block: int, seed: int) -> array:
+    """Checksums of the blocks at ``indexes`` (block numbers relative to ``block``) of
+    ``data``, as block_checksums computes them."""
+    starts = [i << BLOCK_SHIFT for i in indexes]
+    blocks = map(data.__getitem__, map(slice, starts, [s + BLOCK_SIZE for s in starts]))
+    return _nonzero(array("Q", map(_xxh3, blocks, [seed + block + i for i in indexes])))
+
+
 def mark_checksum(block: int, seed: int) -> int:
     return _xxh3(_U64.pack(block), seed ^ SEED_MARK) or 1
 

@@ -59,13 +59,13 @@ import errno
 import logging
 import threading
 from array import array
-from itertools import chain, count, repeat
+from itertools import chain, compress, count, repeat
 from operator import and_
 from typing import Callable
 
 from .cowfile import (AHEAD, FLAG_CLEAN, FLAG_FAILED, FLAG_INCREMENTAL, INTENT_SHIFT, MARK,
-                      SLOT_MASK, CowFile, block_checksums, boot_id, mark_checksum,
-                      mark_checksums)
+                      SLOT_MASK, CowFile, block_checksums, block_checksums_at, boot_id,
+                      mark_checksum, mark_checksums)
 from .errors import SnapError
 from .fileio import FileIO, GroupSync
 from .index import Index, IndexPage, bit_runs
@@ -452,47 +452,54 @@ class SnapshotTracker(CowTracker):
         return SnapError(errno.ENXIO, "the snapshot has been removed")
 
     def _read(self, view: memoryview, offset: int, first: int, entries: array) -> None:
+        """The snapshot's bytes from ``offset`` into ``view``; ``entries`` cover them."""
+        n = len(entries) >> 1
+        start = first << BLOCK_SHIFT
+        if offset == start and len(view) == n << BLOCK_SHIFT:
+            self._read_blocks(view, first, entries)
+            return
+        whole = copy_buffer(n << BLOCK_SHIFT)  # unaligned: whole blocks, then the part
+        self._read_blocks(whole, first, entries)
+        view[:] = whole[offset - start:offset - start + len(view)]
+
+    def _read_blocks(self, view: memoryview, first: int, entries: array) -> None:
+        """Whole blocks from ``first``: one read per run of consecutive slots (or of
+        blocks not saved, from the origin), then every saved block's checksum checked in
+        one C-level pass."""
         slots = array("Q", map(and_, entries[0::2], repeat(SLOT_MASK)))
         n = len(slots)
-        zeros = slots.count(0)
-        if not zeros and slots[-1] - slots[0] == n - 1 and \
-                slots == array("Q", range(slots[0], slots[0] + n)):
-            self._read_run(view, offset, first, n, slots[0], entries[1::2])
-            return
+        cow, origin = self.cow.io, self.origin_io
+        slot_base = self.cow.header.data_offset - BLOCK_SIZE  # slot s is at base + s * 4096
         i = 0
         while i < n:
             slot = slots[i]
             j = i + 1
             while j < n and slots[j] == (slot + j - i if slot else 0):
                 j += 1
-            self._read_run(view, offset, first + i, j - i, slot, entries[2 * i + 1:2 * j:2])
+            dst = view[i << BLOCK_SHIFT:j << BLOCK_SHIFT]
+            if slot:
+                if cow.pread_into(dst, slot_base + (slot << BLOCK_SHIFT)) != len(dst):
+                    raise SnapError(errno.EIO, f"{self.cow.path}: saved data of blocks "
+                                    f"{first + i}-{first + j - 1} (slot {slot}) is truncated")
+            else:
+                got = origin.pread_into(dst, (first + i) << BLOCK_SHIFT)
+                dst[got:] = bytes(len(dst) - got)  # past the origin's end: zeroes
             i = j
-
-    def _read_run(self, view: memoryview, offset: int, block: int, count_: int, slot: int,
-                  csums: array) -> None:
-        start = block << BLOCK_SHIFT
-        stop = (block + count_) << BLOCK_SHIFT
-        lo = max(start, offset)
-        hi = min(stop, offset + len(view))
-        dst = view[lo - offset:hi - offset]
-        if not slot:
-            if self.origin_io.pread_into(dst, lo) != len(dst):
-                raise SnapError(errno.EIO, f"short read from origin {self.origin_io.path} at {lo}")
-            return
-        whole = lo == start and hi == stop
-        data = dst if whole else copy_buffer(count_ << BLOCK_SHIFT)
-        self.cow.read_data_into(slot, data)
-        sums = block_checksums(data, block, self.seed)
+        saved = n - slots.count(0)
+        if saved == n:
+            sums, csums = block_checksums(view, first, self.seed), entries[1::2]
+            where = list(range(n))
+        else:  # only the saved blocks carry checksums
+            where = list(compress(range(n), slots))
+            sums = block_checksums_at(view, where, first, self.seed)
+            csums = array("Q", [entries[2 * k + 1] for k in where])
         if sums != csums:
-            self._checksum_error(sums, csums, block, slot)
-        if not whole:
-            dst[:] = data[lo - start:hi - start]
-
-    def _checksum_error(self, sums: array, csums: array, block: int, slot: int) -> None:
-        i = next(i for i in range(len(sums)) if sums[i] != csums[i])
-        raise SnapError(errno.EIO, f"{self.cow.path}: saved data of block {block + i} "
-                        f"(slot {slot + i}, offset {self.cow.slot_offset(slot + i)}) fails "
-                        f"its checksum: stored {csums[i]:#018x}, computed {sums[i]:#018x}")
+            bad = where[next(k for k in range(len(sums)) if sums[k] != csums[k])]
+            k = where.index(bad)
+            raise SnapError(errno.EIO, f"{self.cow.path}: saved data of block {first + bad} "
+                            f"(slot {slots[bad]}, offset {self.cow.slot_offset(slots[bad])}) "
+                            f"fails its checksum: stored {csums[k]:#018x}, computed "
+                            f"{sums[k]:#018x}")
 
 
 class IncrementalTracker(CowTracker):
