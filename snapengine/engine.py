@@ -255,7 +255,7 @@ class Engine:
                 self._verify_reloaded(m)
             elif m.tracker is not None and not m.error:
                 with origin.gate.closed():
-                    m.tracker.checkpoint(clean=False)
+                    self._checkpoint(m.tracker, clean=False)
             m.active = True
             log.info("minor %d: active (state %d)", m.number, m.state)
             self.publish()
@@ -264,11 +264,14 @@ class Engine:
         """The origin of a reloaded minor came online: check its COW file now."""
         try:
             tracker = self._resume(m)
-            tracker.checkpoint(clean=False)
-            self._save_registry(self.minors)
         except SnapError as e:
             self._fault(m, e)
             return
+        self._checkpoint(tracker, clean=False)
+        try:
+            self._save_registry(self.minors)
+        except OSError as e:  # the minor works; a restart will need reload-* again
+            log.error("minor %d: cannot save the registry: %s", m.number, e)
         m.active = True
         log.info("minor %d: %s verified (state %d)", m.number, m.cow_path, m.state)
         self.publish()
@@ -282,11 +285,30 @@ class Engine:
                 return
             if m.tracker is not None and not m.error:
                 with origin.gate.closed():
-                    m.tracker.checkpoint(clean=True)
+                    self._checkpoint(m.tracker, clean=True)
             m.active = False
             log.info("minor %d: dormant (state %d), %s closed cleanly", m.number, m.state,
                      m.cow_path)
             self.publish()
+
+    @staticmethod
+    def _close_list(tracker: CowTracker) -> None:
+        """Close a change list cleanly (every mark written, synced, CLEAN), or fail it."""
+        try:
+            tracker.checkpoint(clean=True)
+        except OSError as e:
+            tracker.fail(e)
+            raise SnapError(e.errno or errno.EIO, f"cannot close {tracker.cow.path} cleanly: "
+                            f"{e.strerror or e}; its list is failed")
+
+    @staticmethod
+    def _checkpoint(tracker: CowTracker, clean: bool) -> None:
+        """Mark a COW file clean or dirty; if it cannot be written, the minor fails (the
+        client's connection, and the origin, are not its business)."""
+        try:
+            tracker.checkpoint(clean)
+        except OSError as e:
+            tracker.fail(e)
 
     def _minor_of(self, origin: Origin) -> Minor | None:
         return self.minors.get(origin.minor) if origin.minor is not None else None
@@ -402,7 +424,8 @@ class Engine:
             except BaseException:
                 m.cow_path, m.mode = old_path, INCREMENTAL
                 raise
-            self._close_tracker(m, old)
+            old.quiesce()
+            old.cow.close()
             log.info("minor %d: snapshot seq_id %d in %s; %s closed with %d changed blocks",
                      n, header.seq_id, path, old_path, old.nr_changed)
 
@@ -458,23 +481,32 @@ class Engine:
     # -- helpers of the control operations -------------------------------------------------
     def _install(self, m: Minor, kind: type[CowTracker], cow: CowFile,
                  replacing: CowTracker | None = None) -> None:
-        """Put a new tracker on ``m``'s origin, replacing ``replacing``.
+        """Put a new tracker on ``m``'s origin, replacing ``replacing``, whose COW file is
+        closed cleanly at the very instant of the switch (its change list then holds
+        exactly the writes before it).
 
-        Everything that can fail happens before the swap (and then removes the new COW
-        file); from the swap on, writes go to the new tracker and nothing is undone."""
+        Everything that can fail happens before the switch, with the origin's writes
+        held back, and is undone on failure (the new COW file removed, the old one
+        reopened); from the switch on, writes go to the new tracker and nothing is undone."""
+        closed = False
         try:
             tracker = kind(cow, m.origin.io, m.max_cache, self._tracker_failed)
             if not m.active:
                 tracker.checkpoint(clean=True)
-            m.tracker = tracker
-            self._save_registry({**self.minors, m.number: m})
+            with m.origin.gate.closed():
+                if replacing is not None:
+                    self._close_list(replacing)
+                    closed = True
+                m.tracker = tracker
+                self._save_registry({**self.minors, m.number: m})
+                m.origin.tracker = tracker
         except BaseException:
             m.tracker = replacing
+            if closed and m.active and replacing is not None:  # tracking goes on: dirty again
+                self._checkpoint(replacing, clean=False)
             cow.close()
             os.unlink(cow.path)
             raise
-        with m.origin.gate.closed():
-            m.origin.tracker = tracker
         m.origin.minor = m.number
         self.minors[m.number] = m
         self.publish()

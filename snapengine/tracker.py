@@ -423,6 +423,8 @@ class SnapshotTracker(CowTracker):
                                     f"at {offset}")
             else:
                 self._read(memoryview(buf).cast("B"), offset, first, entries)
+            if self.error:  # a first touch failed meanwhile: the origin may have moved on
+                raise self._unreadable()
         except SnapError as e:
             if e.errno not in (errno.EIO, errno.EUCLEAN):
                 raise
