@@ -13,8 +13,16 @@ from array import array
 from dataclasses import dataclass
 from typing import Iterator
 
-from .cowfile import (FLAG_FAILED, INDEX_OFFSET, MARK, PAGE_BLOCKS, PAGE_SIZE, SLOT_MASK,
-                      CowFile, Header)
+from .cowfile import (
+    FLAG_FAILED,
+    INDEX_OFFSET,
+    MARK,
+    PAGE_BLOCKS,
+    PAGE_SIZE,
+    SLOT_MASK,
+    CowFile,
+    Header,
+)
 from .errors import SnapError
 from .index import IndexPage, bit_runs
 from .units import BLOCK_SIZE, nr_blocks

@@ -17,7 +17,7 @@ import threading
 from typing import Any
 
 from .control import ControlServer
-from .engine import (DEFAULT_CACHE_MB, DEFAULT_FALLOCATE_PERCENT, DEFAULT_MAX_MINORS, Engine)
+from .engine import DEFAULT_CACHE_MB, DEFAULT_FALLOCATE_PERCENT, DEFAULT_MAX_MINORS, Engine
 from .errors import SnapError
 from .relay import TcpRelay, parse_hostport
 

@@ -29,11 +29,13 @@ import uuid as uuidlib
 from typing import Any
 
 from . import __version__
+from .arguments import check_settings, cow_path, find_origin, megabytes, minor_number, new_cow_path
 from .cowfile import FLAG_DURABLE, CowFile, Header, boot_id
 from .errors import SnapError
+from .exports import OriginExport, SnapshotExport
 from .fileio import FileIO
 from .minor import EXPORT_PREFIX, INCREMENTAL, SNAPSHOT, Minor
-from .origin import Origin, open_exclusive
+from .origin import AbsentOrigin, Origin, open_exclusive
 from .recovery import open_verified
 from .registry import Registry
 from .tracker import CowTracker, IncrementalTracker, SnapshotTracker
@@ -42,85 +44,10 @@ from .units import MB, MiB
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_MINORS = 24
-MAX_MINORS_LIMIT = 255  # --max-minors N gives minors 0..N-1
 DEFAULT_CACHE_MB = 300
 DEFAULT_FALLOCATE_PERCENT = 10
-MAX_MB = 1 << 40  # largest -c or -f: a byte count that fits every header field
 INFO_FILE = "elastio-snap-info"
 REGISTRY_FILE = "registry.json"
-
-
-def check_settings(max_minors: int, cache_default_mb: int, fallocate_percent: float) -> None:
-    """The daemon-wide settings (snapengine serve's options), or EINVAL naming the bad one."""
-    if not 1 <= max_minors <= MAX_MINORS_LIMIT:
-        raise SnapError(errno.EINVAL,
-                        f"--max-minors {max_minors} is not in 1..{MAX_MINORS_LIMIT}")
-    if cache_default_mb <= 0:
-        raise SnapError(errno.EINVAL, f"--cache-default {cache_default_mb} MB is not positive")
-    if not 0 < fallocate_percent <= 100:
-        raise SnapError(errno.EINVAL,
-                        f"--fallocate-percent {fallocate_percent} is not in (0, 100]")
-
-
-class AbsentOrigin(Origin):
-    """A registered minor's origin that this daemon does not serve (now)."""
-
-    def __init__(self, path: str) -> None:  # no file: nothing can be written through it
-        self.path = self.name = path
-        self.size = 0
-        self.clients = 0
-        self.minor = None
-        self.tracker = None
-
-    def close(self) -> None:
-        pass
-
-
-class OriginExport:
-    """One NBD connection to an origin: read-write, every change tracked."""
-
-    def __init__(self, engine: "Engine", origin: Origin, readonly: bool) -> None:
-        self.engine = engine
-        self.origin = origin
-        self.size = origin.size
-        self.writable = not readonly
-        self.description = f"snapengine origin {origin.path}"
-        self.pread = origin.pread
-        self.pwrite = origin.pwrite
-        self.zero = origin.zero
-        self.trim = origin.trim
-        self.flush = origin.flush
-
-    def close(self) -> None:
-        self.engine.detach(self.origin)
-
-
-class SnapshotExport:
-    """One NBD connection to ``elastio-snapN``: the read-only point-in-time image."""
-
-    writable = False
-
-    def __init__(self, tracker: SnapshotTracker, minor: int, size: int) -> None:
-        self.size = size
-        self.pread = tracker.read
-        h = tracker.cow.header  # update-img reads its identity from here
-        self.description = (f"snapengine snapshot: minor {minor}, uuid {h.uuid.hex()}, "
-                            f"seq_id {h.seq_id}")
-
-    def pwrite(self, buf, offset: int, fua: bool) -> None:
-        raise SnapError(errno.EPERM, "snapshot exports are read-only")
-
-    def zero(self, length: int, offset: int, may_trim: bool, fua: bool) -> None:
-        self.pwrite(b"", offset, fua)
-
-    def trim(self, length: int, offset: int, fua: bool) -> None:
-        self.pwrite(b"", offset, fua)
-
-    def flush(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 class Engine:
@@ -320,14 +247,8 @@ class Engine:
         n = self._minor_number(minor)
         cache = self._cache_bytes(cache_mb)
         with self._lock:
-            if n in self.minors:
-                raise SnapError(errno.EBUSY, f"minor {n} is already in use "
-                                f"({self.minors[n].cow_path})")
-            origin = self._find_origin(block_device, block_device_path)
-            if origin.minor is not None:
-                raise SnapError(errno.EBUSY, f"origin {origin.path} is already tracked "
-                                f"by minor {origin.minor}")
-            path = self._check_new_cow(cow_file)
+            origin = self._untracked_origin(n, block_device, block_device_path)
+            path = new_cow_path(self.origins.values(), cow_file)
             fallocate = self._fallocate_bytes(fallocate_mb, origin)
             header = Header(origin.size, uuidlib.uuid4().bytes, 1, fallocate,
                             flags=self._new_flags(), boot_id=boot_id())
@@ -350,18 +271,8 @@ class Engine:
         n = self._minor_number(minor)
         cache = self._cache_bytes(cache_mb)
         with self._lock:
-            if n in self.minors:
-                raise SnapError(errno.EBUSY, f"minor {n} is already in use "
-                                f"({self.minors[n].cow_path})")
-            origin = self._find_origin(block_device, block_device_path)
-            if origin.minor is not None:
-                raise SnapError(errno.EBUSY, f"origin {origin.path} is already tracked "
-                                f"by minor {origin.minor}")
-            if not isinstance(cow_file, str) or not cow_file or "\0" in cow_file:
-                raise SnapError(errno.EINVAL, f"COW file {cow_file!r} is not a path")
-            path = os.path.abspath(cow_file)
-            if os.path.isdir(path):
-                raise SnapError(errno.EISDIR, f"COW file {path} is a directory")
+            origin = self._untracked_origin(n, block_device, block_device_path)
+            path = cow_path(cow_file)
             m = Minor(n, origin, path, mode, cache, verified=False, active=False)
             self._save_registry({**self.minors, n: m})
             origin.minor = n
@@ -409,7 +320,7 @@ class Engine:
             if m.mode != INCREMENTAL:
                 raise SnapError(errno.EINVAL, f"minor {n} is not in incremental mode")
             m.require_healthy("transition-to-snapshot")
-            path = self._check_new_cow(cow_file)
+            path = new_cow_path(self.origins.values(), cow_file)
             old = m.tracker
             assert old is not None
             fallocate = self._fallocate_bytes(fallocate_mb, m.origin)
@@ -531,14 +442,18 @@ class Engine:
         """Check a minor argument (every control operation starts here)."""
         if self.stopped:
             raise SnapError(errno.ESHUTDOWN, "the daemon is shutting down")
-        if isinstance(minor, str) and minor.isdecimal() and minor.isascii():
-            minor = int(minor)
-        if isinstance(minor, bool) or not isinstance(minor, int):
-            raise SnapError(errno.EINVAL, f"minor {minor!r} is not a number")
-        if not 0 <= minor < self.max_minors:
-            raise SnapError(errno.EINVAL, f"minor {minor} is out of range "
-                            f"0..{self.max_minors - 1}")
-        return minor
+        return minor_number(minor, self.max_minors)
+
+    def _untracked_origin(self, n: int, block_device: Any, path: str | None) -> Origin:
+        """For a new minor ``n``: the origin it would track; EBUSY if either is taken."""
+        if n in self.minors:
+            raise SnapError(errno.EBUSY, f"minor {n} is already in use "
+                            f"({self.minors[n].cow_path})")
+        origin = find_origin(self.origins.values(), block_device, path)
+        if origin.minor is not None:
+            raise SnapError(errno.EBUSY, f"origin {origin.path} is already tracked "
+                            f"by minor {origin.minor}")
+        return origin
 
     def _get(self, n: int) -> Minor:
         m = self.minors.get(n)
@@ -546,68 +461,15 @@ class Engine:
             raise SnapError(errno.ENOENT, f"minor {n} is not set up")
         return m
 
-    @staticmethod
-    def _megabytes(value: Any, option: str) -> int:
-        if value is None:
-            return 0
-        if isinstance(value, str) and value.lstrip("-").isdecimal():
-            value = int(value)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise SnapError(errno.EINVAL, f"{option} {value!r} is not a whole number of MB")
-        if value < 0:
-            raise SnapError(errno.EINVAL, f"{option} {value} MB is below 1 MB")
-        if value > MAX_MB:
-            raise SnapError(errno.EINVAL, f"{option} {value} MB is too large (at most {MAX_MB})")
-        return value
-
     def _cache_bytes(self, cache_mb: Any) -> int:
-        mb = self._megabytes(cache_mb, "-c")
+        mb = megabytes(cache_mb, "-c")
         return mb * MB if mb else self.cache_default
 
     def _fallocate_bytes(self, fallocate_mb: Any, origin: Origin) -> int:
-        mb = self._megabytes(fallocate_mb, "-f")
+        mb = megabytes(fallocate_mb, "-f")
         if mb:
             return mb * MB
         return max(MiB, int(origin.size * self.fallocate_percent / 100))
-
-    def _find_origin(self, spec: Any, path: str | None = None) -> Origin:
-        """The origin named ``spec`` (a NAME or PATH as served), or the one at ``path``
-        (``spec`` made absolute by the client, whose cwd is not ours)."""
-        if not isinstance(spec, str) or not spec:
-            raise SnapError(errno.EINVAL, f"block device {spec!r} is not a path or export name")
-        for origin in self.origins.values():
-            if spec in (origin.name, origin.path):
-                return origin
-        path = path or os.path.abspath(spec)
-        if os.path.isdir(path):
-            raise SnapError(errno.ENOTBLK, f"{spec} is a directory, not a block device")
-        real = os.path.realpath(path)
-        for origin in self.origins.values():
-            if origin.real_path == real:
-                return origin
-        names = ", ".join(o.name for o in self.origins.values()) or "none"
-        raise SnapError(errno.ENODEV, f"{spec} is not served by this daemon (origins: {names})")
-
-    def _check_new_cow(self, cow_file: Any) -> str:
-        if not isinstance(cow_file, str) or not cow_file or "\0" in cow_file:
-            raise SnapError(errno.EINVAL, f"COW file {cow_file!r} is not a path")
-        path = os.path.abspath(cow_file)
-        if os.path.isdir(path) or cow_file.endswith("/"):
-            raise SnapError(errno.EISDIR, f"COW file {cow_file} is a directory")
-        parent = os.path.dirname(path)
-        if not os.path.exists(parent):
-            raise SnapError(errno.ENOENT, f"directory {parent} of COW file {path} does not exist")
-        if not os.path.isdir(parent):
-            raise SnapError(errno.ENOTDIR,
-                            f"{parent} (parent of COW file {path}) is not a directory")
-        real = os.path.realpath(path)
-        for origin in self.origins.values():
-            if origin.real_path == real:
-                raise SnapError(errno.EINVAL, f"COW file {path} is the backing file of "
-                                f"origin {origin.name}")
-        if os.path.lexists(path):
-            raise SnapError(errno.EEXIST, f"{path} already exists; a COW file is never overwritten")
-        return path
 
     # -- persistence and info -----------------------------------------------------------
     def _restore(self, entry: dict) -> None:

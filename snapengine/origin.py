@@ -169,3 +169,17 @@ class Origin:
 
     def close(self) -> None:
         self.io.close()
+
+
+class AbsentOrigin(Origin):
+    """A registered minor's origin that this daemon does not serve (now)."""
+
+    def __init__(self, path: str) -> None:  # no file: nothing can be written through it
+        self.path = self.name = path
+        self.size = 0
+        self.clients = 0
+        self.minor = None
+        self.tracker = None
+
+    def close(self) -> None:
+        pass

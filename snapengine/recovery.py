@@ -17,8 +17,18 @@ import logging
 from array import array
 
 from .changes import index_pages, scan, verify_index
-from .cowfile import (AHEAD, FLAG_FAILED, INTENT_REGION, MARK, PAGE_BLOCKS, SLOT_MASK, CowFile,
-                      block_checksums, boot_id, mark_checksums)
+from .cowfile import (
+    AHEAD,
+    FLAG_FAILED,
+    INTENT_REGION,
+    MARK,
+    PAGE_BLOCKS,
+    SLOT_MASK,
+    CowFile,
+    block_checksums,
+    boot_id,
+    mark_checksums,
+)
 from .errors import SnapError
 from .fileio import FileIO
 from .units import BLOCK_SIZE, nr_blocks

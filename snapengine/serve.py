@@ -18,10 +18,10 @@ import time
 from typing import NoReturn
 
 from . import __version__
+from .arguments import check_settings
 from .cli import DEFAULT_RUN_DIR
 from .control import remove_stale_socket, request
-from .engine import (DEFAULT_CACHE_MB, DEFAULT_FALLOCATE_PERCENT, DEFAULT_MAX_MINORS,
-                     check_settings)
+from .engine import DEFAULT_CACHE_MB, DEFAULT_FALLOCATE_PERCENT, DEFAULT_MAX_MINORS
 from .errors import SnapError
 from .relay import parse_hostport
 

@@ -63,9 +63,21 @@ from itertools import chain, compress, count, repeat
 from operator import and_
 from typing import Callable
 
-from .cowfile import (AHEAD, FLAG_CLEAN, FLAG_FAILED, FLAG_INCREMENTAL, INTENT_SHIFT, MARK,
-                      SLOT_MASK, CowFile, block_checksums, block_checksums_at, boot_id,
-                      mark_checksum, mark_checksums)
+from .cowfile import (
+    AHEAD,
+    FLAG_CLEAN,
+    FLAG_FAILED,
+    FLAG_INCREMENTAL,
+    INTENT_SHIFT,
+    MARK,
+    SLOT_MASK,
+    CowFile,
+    block_checksums,
+    block_checksums_at,
+    boot_id,
+    mark_checksum,
+    mark_checksums,
+)
 from .errors import SnapError
 from .fileio import FileIO, GroupSync
 from .index import Index, IndexPage, bit_runs

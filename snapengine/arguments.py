@@ -1,0 +1,104 @@
+"""What the arguments of the control operations mean, and their checks.
+
+Each check raises SnapError with the errno of INTERFACE.md's table and a message naming
+the bad value; none of them changes anything.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from typing import Any, Iterable
+
+from .errors import SnapError
+from .origin import Origin
+
+MAX_MINORS_LIMIT = 255  # --max-minors N gives minors 0..N-1
+MAX_MB = 1 << 40  # largest -c or -f: a byte count that fits every header field
+
+
+def check_settings(max_minors: int, cache_default_mb: int, fallocate_percent: float) -> None:
+    """The daemon-wide settings (snapengine serve's options), or EINVAL naming the bad one."""
+    if not 1 <= max_minors <= MAX_MINORS_LIMIT:
+        raise SnapError(errno.EINVAL,
+                        f"--max-minors {max_minors} is not in 1..{MAX_MINORS_LIMIT}")
+    if cache_default_mb <= 0:
+        raise SnapError(errno.EINVAL, f"--cache-default {cache_default_mb} MB is not positive")
+    if not 0 < fallocate_percent <= 100:
+        raise SnapError(errno.EINVAL,
+                        f"--fallocate-percent {fallocate_percent} is not in (0, 100]")
+
+
+def minor_number(minor: Any, max_minors: int) -> int:
+    """A minor: an int or a string of ASCII digits, in 0..max_minors-1."""
+    if isinstance(minor, str) and minor.isdecimal() and minor.isascii():
+        minor = int(minor)
+    if isinstance(minor, bool) or not isinstance(minor, int):
+        raise SnapError(errno.EINVAL, f"minor {minor!r} is not a number")
+    if not 0 <= minor < max_minors:
+        raise SnapError(errno.EINVAL, f"minor {minor} is out of range 0..{max_minors - 1}")
+    return minor
+
+
+def megabytes(value: Any, option: str) -> int:
+    """-c or -f: whole MB, 0 (or absent) meaning the default."""
+    if value is None:
+        return 0
+    if isinstance(value, str) and value.lstrip("-").isdecimal():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SnapError(errno.EINVAL, f"{option} {value!r} is not a whole number of MB")
+    if value < 0:
+        raise SnapError(errno.EINVAL, f"{option} {value} MB is below 1 MB")
+    if value > MAX_MB:
+        raise SnapError(errno.EINVAL, f"{option} {value} MB is too large (at most {MAX_MB})")
+    return value
+
+
+def find_origin(origins: Iterable[Origin], spec: Any, path: str | None = None) -> Origin:
+    """The origin named ``spec`` (a NAME or PATH as served), or the one at ``path``
+    (``spec`` made absolute by the client, whose cwd is not ours)."""
+    origins = list(origins)
+    if not isinstance(spec, str) or not spec:
+        raise SnapError(errno.EINVAL, f"block device {spec!r} is not a path or export name")
+    for origin in origins:
+        if spec in (origin.name, origin.path):
+            return origin
+    path = path or os.path.abspath(spec)
+    if os.path.isdir(path):
+        raise SnapError(errno.ENOTBLK, f"{spec} is a directory, not a block device")
+    real = os.path.realpath(path)
+    for origin in origins:
+        if origin.real_path == real:
+            return origin
+    names = ", ".join(o.name for o in origins) or "none"
+    raise SnapError(errno.ENODEV, f"{spec} is not served by this daemon (origins: {names})")
+
+
+def cow_path(cow_file: Any) -> str:
+    """A COW file argument as an absolute path; EINVAL or EISDIR if it cannot be one."""
+    if not isinstance(cow_file, str) or not cow_file or "\0" in cow_file:
+        raise SnapError(errno.EINVAL, f"COW file {cow_file!r} is not a path")
+    path = os.path.abspath(cow_file)
+    if os.path.isdir(path) or cow_file.endswith("/"):
+        raise SnapError(errno.EISDIR, f"COW file {cow_file} is a directory")
+    return path
+
+
+def new_cow_path(origins: Iterable[Origin], cow_file: Any) -> str:
+    """Where a new COW file may be created: never over an existing file (EEXIST), never
+    over an origin (EINVAL, checked first), in an existing directory (ENOENT)."""
+    path = cow_path(cow_file)
+    parent = os.path.dirname(path)
+    if not os.path.exists(parent):
+        raise SnapError(errno.ENOENT, f"directory {parent} of COW file {path} does not exist")
+    if not os.path.isdir(parent):
+        raise SnapError(errno.ENOTDIR, f"{parent} (parent of COW file {path}) is not a directory")
+    real = os.path.realpath(path)
+    for origin in origins:
+        if origin.real_path == real:
+            raise SnapError(errno.EINVAL, f"COW file {path} is the backing file of "
+                            f"origin {origin.name}")
+    if os.path.lexists(path):
+        raise SnapError(errno.EEXIST, f"{path} already exists; a COW file is never overwritten")
+    return path

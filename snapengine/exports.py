@@ -1,0 +1,60 @@
+"""The handles of NBD connections: one class per kind of export."""
+
+from __future__ import annotations
+
+import errno
+from typing import TYPE_CHECKING
+
+from .errors import SnapError
+from .origin import Origin
+from .tracker import SnapshotTracker
+
+if TYPE_CHECKING:
+    from .engine import Engine
+
+
+class OriginExport:
+    """One NBD connection to an origin: read-write, every change tracked."""
+
+    def __init__(self, engine: "Engine", origin: Origin, readonly: bool) -> None:
+        self.engine = engine
+        self.origin = origin
+        self.size = origin.size
+        self.writable = not readonly
+        self.description = f"snapengine origin {origin.path}"
+        self.pread = origin.pread
+        self.pwrite = origin.pwrite
+        self.zero = origin.zero
+        self.trim = origin.trim
+        self.flush = origin.flush
+
+    def close(self) -> None:
+        self.engine.detach(self.origin)
+
+
+class SnapshotExport:
+    """One NBD connection to ``elastio-snapN``: the read-only point-in-time image."""
+
+    writable = False
+
+    def __init__(self, tracker: SnapshotTracker, minor: int, size: int) -> None:
+        self.size = size
+        self.pread = tracker.read
+        h = tracker.cow.header  # update-img reads its identity from here
+        self.description = (f"snapengine snapshot: minor {minor}, uuid {h.uuid.hex()}, "
+                            f"seq_id {h.seq_id}")
+
+    def pwrite(self, buf, offset: int, fua: bool) -> None:
+        raise SnapError(errno.EPERM, "snapshot exports are read-only")
+
+    def zero(self, length: int, offset: int, may_trim: bool, fua: bool) -> None:
+        self.pwrite(b"", offset, fua)
+
+    def trim(self, length: int, offset: int, fua: bool) -> None:
+        self.pwrite(b"", offset, fua)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
