@@ -137,14 +137,23 @@ class Index:
             page = get(lo)
             if page is not None:
                 return [page]
-        while True:
-            pages = [get(n) for n in range(lo, hi + 1)]
-            missing = [lo + i for i, p in enumerate(pages) if p is None]
-            if not missing:
-                return pages  # type: ignore[return-value]
-            for number in missing:
-                self._load(number)
-            self.write_evicted()
+        held: list[IndexPage] = []  # pinned while the others load: no livelock
+        try:
+            while True:
+                pages = [get(n) for n in range(lo, hi + 1)]
+                missing = [lo + i for i, p in enumerate(pages) if p is None]
+                if not missing:
+                    return pages  # type: ignore[return-value]
+                for number in missing:
+                    self._load(number)
+                    page = self._cache.peek(number)
+                    if page is not None:
+                        page.pins += 1
+                        held.append(page)
+                self.write_evicted()
+        finally:
+            for page in held:
+                page.pins -= 1
 
     def _load(self, number: int) -> None:
         if number in self._cache:

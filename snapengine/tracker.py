@@ -166,7 +166,7 @@ class CowTracker:
     def before_write(self, first: int, end: int) -> None:
         """Make blocks [first, end) safe to overwrite, and mark them changed.
         Never raises: a failure fails the snapshot, not the write."""
-        if self.error or self._all_changed(first, end):
+        if first >= end or self.error or self._all_changed(first, end):
             return
         try:
             self._save(first, end)
@@ -421,6 +421,8 @@ class SnapshotTracker(CowTracker):
     def read(self, buf, offset: int) -> None:
         """Fill ``buf`` with the snapshot image from ``offset``."""
         length = len(buf)
+        if not length:
+            return
         first = offset >> BLOCK_SHIFT
         end = (offset + length + BLOCK_SIZE - 1) >> BLOCK_SHIFT
         hold = next(self._tickets)
