@@ -6,8 +6,11 @@ Normally started by ``snapengine serve``. Parameters: run_dir (required), origin
 list of [path, export name]), max_minors, cache_default (MB), fallocate_percent, tcp
 (HOST:PORT), log (file), verbose (1).
 
-Every callback is wrapped by ``_callback``: an OSError becomes its errno for the client
-(``nbdkit.set_error``), anything else is logged with its traceback and becomes EIO.
+Every callback goes through ``_failed`` on an exception: an OSError becomes its errno
+for the client (``nbdkit.set_error``), anything else is logged with its traceback and
+becomes EIO. Most are wrapped by the ``_callback`` decorator; the four data callbacks
+call it from an inline ``except`` instead, which costs nothing until something fails
+(a decorator's extra call is measurable on every 4 KiB request).
 """
 
 import errno
@@ -31,19 +34,28 @@ log = logging.getLogger("snapengine.plugin")
 daemon = Daemon()  # the only module global: configured, started and stopped by nbdkit
 
 
+def _failed(name: str, e: BaseException) -> None:
+    """Tell nbdkit which errno the client gets for ``e``; log it if it is a bug."""
+    if isinstance(e, OSError):
+        nbdkit.set_error(e.errno or errno.EIO)
+    else:
+        log.error("%s failed", name, exc_info=e)
+        nbdkit.set_error(errno.EIO)
+
+
 def _callback(func):
     @functools.wraps(func)
     def wrapper(*args):
         try:
             return func(*args)
-        except OSError as e:
-            nbdkit.set_error(e.errno or errno.EIO)
-            raise
-        except Exception:
-            log.exception("%s failed", func.__name__)
-            nbdkit.set_error(errno.EIO)
+        except Exception as e:
+            _failed(func.__name__, e)
             raise
     return wrapper
+
+
+FUA = nbdkit.FLAG_FUA
+MAY_TRIM = nbdkit.FLAG_MAY_TRIM
 
 
 def thread_model():
@@ -131,24 +143,36 @@ def is_rotational(h):
     return False
 
 
-@_callback
 def pread(h, buf, offset, flags):
-    h.pread(buf, offset)
+    try:
+        h.pread(buf, offset)
+    except Exception as e:
+        _failed("pread", e)
+        raise
 
 
-@_callback
 def pwrite(h, buf, offset, flags):
-    h.pwrite(buf, offset, bool(flags & nbdkit.FLAG_FUA))
+    try:
+        h.pwrite(buf, offset, flags & FUA)
+    except Exception as e:
+        _failed("pwrite", e)
+        raise
 
 
-@_callback
 def zero(h, count, offset, flags):
-    h.zero(count, offset, bool(flags & nbdkit.FLAG_MAY_TRIM), bool(flags & nbdkit.FLAG_FUA))
+    try:
+        h.zero(count, offset, flags & MAY_TRIM, flags & FUA)
+    except Exception as e:
+        _failed("zero", e)
+        raise
 
 
-@_callback
 def trim(h, count, offset, flags):
-    h.trim(count, offset, bool(flags & nbdkit.FLAG_FUA))
+    try:
+        h.trim(count, offset, flags & FUA)
+    except Exception as e:
+        _failed("trim", e)
+        raise
 
 
 @_callback

@@ -50,10 +50,12 @@ class LRUCache(Generic[K, V]):
             self._items.move_to_end(key)
         return value
 
-    def peek(self, key: K) -> V | None:
-        """The value, without making it recent: safe without the owner's lock (one
-        atomic dict lookup), for a caller that can live with a stale answer."""
-        return self._items.get(key)
+    @property
+    def peek(self) -> Callable[[K], V | None]:
+        """``peek(key)``: the value, without making it recent. Safe without the owner's
+        lock (one atomic dict lookup, in C), for a caller that can live with a stale
+        answer."""
+        return self._items.get
 
     def values(self) -> list[V]:
         return list(self._items.values())

@@ -114,6 +114,7 @@ class Index:
             dispose=self._dispose)
         self.loads = 0
         self.slot_limit = cow.header.nr_slots  # highest slot an entry may name; engine-kept
+        self.peek = self._cache.peek  # lock-free, possibly stale: the fast paths' lookup
 
     @staticmethod
     def _bound(max_cache_bytes: int) -> int:
@@ -125,9 +126,6 @@ class Index:
 
     def resize(self, max_cache_bytes: int) -> None:
         self._cache.resize(self._bound(max_cache_bytes))
-
-    def peek(self, number: int) -> IndexPage | None:
-        return self._cache.peek(number)
 
     def pages(self, first: int, end: int) -> list[IndexPage]:
         """The pages covering blocks [first, end), loading those not cached."""

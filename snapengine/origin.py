@@ -141,7 +141,7 @@ class Origin:
             if fua:
                 self.io.pwrite_dsync(buf, offset)
             else:
-                self.io.pwrite(buf, offset)
+                self.io.pwrite(buf, offset)  # through the FileIO seam (faults, power cuts)
         finally:
             gate.leave()
 

@@ -166,7 +166,14 @@ class CowTracker:
     def before_write(self, first: int, end: int) -> None:
         """Make blocks [first, end) safe to overwrite, and mark them changed.
         Never raises: a failure fails the snapshot, not the write."""
-        if first >= end or self.error or self._all_changed(first, end):
+        number = first >> PAGE_SHIFT
+        if (end - 1) >> PAGE_SHIFT == number:  # the re-touch path, inline and lock-free:
+            page = self.index.peek(number)  # bits only ever get set, so a stale page
+            if page is not None:  # cannot say "changed" wrongly
+                want = (1 << (end - first)) - 1
+                if page.changed >> (first & PAGE_MASK) & want == want:
+                    return
+        if first >= end or self.error:
             return
         try:
             self._save(first, end)
@@ -174,31 +181,30 @@ class CowTracker:
         except Exception as e:  # the write goes on; the snapshot says it is broken
             self.fail(e)
 
-    def _all_changed(self, first: int, end: int) -> bool:
-        """Blocks [first, end) all changed, judged lock-free from a cached page (else
-        False). A page's bits only ever get set, so a stale page cannot say yes wrongly."""
-        number = first >> PAGE_SHIFT
-        if (end - 1) >> PAGE_SHIFT != number:
-            return False
-        page = self.index.peek(number)
-        if page is None:
-            return False
-        want = ((1 << (end - first)) - 1) << (first & PAGE_MASK)
-        return page.changed & want == want
-
     def _save(self, first: int, end: int) -> None:
         """Snapshot mode: copy what is not saved yet (steps 2 to 4)."""
 
     def _mark_changed(self, first: int, end: int) -> None:
         """Step 5: mark changed the blocks of [first, end) saved but not changed."""
         self._record_intents(first, end)
+        number = first >> PAGE_SHIFT
         with self._lock:
+            if (end - 1) >> PAGE_SHIFT == number:  # the usual case: one page
+                pages = self.index.pages(first, end)
+                bits = ((1 << (end - first)) - 1) << (first & PAGE_MASK) & ~pages[0].changed
+                if bits:
+                    self._apply(pages[0], bits)
+                return
             for page, bits in Index.unchanged(self.index.pages(first, end), first, end):
-                bits = self._set_changed(page, bits)
-                page.changed |= bits
-                page.dirty = True
-                page.version += 1
-                self.nr_changed += bits.bit_count()
+                self._apply(page, bits)
+
+    def _apply(self, page: IndexPage, bits: int) -> None:
+        """Mark the blocks of ``bits`` changed in ``page`` (lock held)."""
+        bits = self._set_changed(page, bits)
+        page.changed |= bits
+        page.dirty = True
+        page.version += 1
+        self.nr_changed += bits.bit_count()
 
     def _set_changed(self, page: IndexPage, bits: int) -> int:
         """Turn the entries of ``bits`` (unchanged blocks of ``page``) into changed
