@@ -26,8 +26,10 @@ Write path (``before_write``, called by the origin before it changes blocks):
     point and overlaps the claim; set SAVED (and changed); drop the claim.
  5. Blocks of the request saved earlier but not yet changed (AHEAD), or, in incremental
     mode, not yet marked: make the write-intent bit of their 64 MiB region durable
-    (once per region between clean points), then mark them changed in memory. The
-    page is now dirty: its marks reach the disk when it is evicted or at a clean point.
+    (once per region between clean points), then queue the change mark (lock-free).
+    Queued marks are applied to the pages in batches, and always before a count is
+    read or a checkpoint is taken; a page with marks is dirty: they reach the disk
+    when it is evicted or at a clean point.
  6. The origin writes the new data.
 
 Why it is safe: a block of the origin is overwritten only after its old data and then
@@ -59,6 +61,7 @@ import errno
 import logging
 import threading
 from array import array
+from collections import deque
 from itertools import chain, compress, count, repeat
 from operator import and_
 from typing import Callable
@@ -90,6 +93,7 @@ PAGE_MASK = (1 << PAGE_SHIFT) - 1
 COPY_BLOCKS = 16  # blocks saved together on a first touch: 64 KiB clusters, as qemu
 REGION_SHIFT = INTENT_SHIFT - BLOCK_SHIFT  # block >> REGION_SHIFT is its write-intent region
 REUSE_MAX = 1 << 20  # copy buffers up to this size are kept per thread (16 threads: 16 MiB)
+MARK_BATCH = 64  # queued change marks applied together, under one lock
 
 _local = threading.local()
 
@@ -140,7 +144,8 @@ class CowTracker:
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self.index = Index(cow, self._cond, max_cache_bytes)
-        self.nr_changed = cow.header.nr_changed_blocks
+        self._nr_changed = cow.header.nr_changed_blocks  # marks applied; see nr_changed
+        self._pending: deque[tuple[int, int]] = deque()  # change marks not yet applied
         self.next_slot = cow.header.nr_slots + 1
         self.error = cow.header.error  # 0, or a negative errno once failed
         self.reason = f"failed before (error {self.error})" if self.error else ""
@@ -185,26 +190,38 @@ class CowTracker:
         """Snapshot mode: copy what is not saved yet (steps 2 to 4)."""
 
     def _mark_changed(self, first: int, end: int) -> None:
-        """Step 5: mark changed the blocks of [first, end) saved but not changed."""
+        """Step 5: mark changed the blocks of [first, end) saved but not changed. The
+        region's intent is durable first; the mark itself is queued (an atomic append,
+        no lock: writers do not contend) and applied with others in one batch."""
         self._record_intents(first, end)
-        number = first >> PAGE_SHIFT
-        with self._lock:
-            if (end - 1) >> PAGE_SHIFT == number:  # the usual case: one page
-                pages = self.index.pages(first, end)
-                bits = ((1 << (end - first)) - 1) << (first & PAGE_MASK) & ~pages[0].changed
-                if bits:
-                    self._apply(pages[0], bits)
-                return
-            for page, bits in Index.unchanged(self.index.pages(first, end), first, end):
-                self._apply(page, bits)
+        self._pending.append((first, end))
+        if len(self._pending) >= MARK_BATCH:
+            self.apply_marks()
 
-    def _apply(self, page: IndexPage, bits: int) -> None:
-        """Mark the blocks of ``bits`` changed in ``page`` (lock held)."""
-        bits = self._set_changed(page, bits)
-        page.changed |= bits
-        page.dirty = True
-        page.version += 1
-        self.nr_changed += bits.bit_count()
+    def apply_marks(self) -> None:
+        """Apply the queued change marks to the index pages (in memory: they become
+        dirty). Call without the lock; done before every checkpoint and every count."""
+        if not self._pending:
+            return
+        try:
+            with self._lock:
+                pending = self._pending
+                while pending:
+                    first, end = pending.popleft()
+                    for page, bits in Index.unchanged(self.index.pages(first, end), first, end):
+                        bits = self._set_changed(page, bits)
+                        page.changed |= bits
+                        page.dirty = True
+                        page.version += 1
+                        self._nr_changed += bits.bit_count()
+        except Exception as e:  # a page could not be loaded: the list is broken
+            self.fail(e)
+
+    @property
+    def nr_changed(self) -> int:
+        """Blocks changed since the snapshot point (queued marks applied first)."""
+        self.apply_marks()
+        return self._nr_changed
 
     def _set_changed(self, page: IndexPage, bits: int) -> int:
         """Turn the entries of ``bits`` (unchanged blocks of ``page``) into changed
@@ -288,6 +305,7 @@ class CowTracker:
         mark and sync everything, then forget the write intents.
 
         Call with no write in flight (the origin's gate closed, or no client)."""
+        nr_changed = self.nr_changed  # applies the queued marks (which may fail it)
         h = self.cow.header
         flags = h.flags if flags is None else flags
         flags = flags | FLAG_CLEAN if clean else flags & ~FLAG_CLEAN
@@ -297,7 +315,7 @@ class CowTracker:
             self.index.flush()
             self.cow.sync()
             self._forget_intents()
-        self.cow.write_header(flags=flags, nr_changed_blocks=self.nr_changed,
+        self.cow.write_header(flags=flags, nr_changed_blocks=nr_changed,
                               nr_slots=self.nr_slots, error=self.error,
                               boot_id=h.boot_id if clean else boot_id())
 
@@ -337,7 +355,7 @@ class SnapshotTracker(CowTracker):
             self._drain(next(self._tickets), claim.first, claim.end)
             for (block, n, _), changed in zip(claim.runs, claim.changed):
                 Index.mark(claim.pages, block, n, changed)  # SAVED
-                self.nr_changed += changed.bit_count()
+                self._nr_changed += changed.bit_count()
                 self.saved_blocks += n
             self._release(claim)
 
@@ -418,6 +436,7 @@ class SnapshotTracker(CowTracker):
         """Keep only the record of changed blocks: every mark written and the index
         synced (it is the list from now on; write intents only cover later changes),
         the header, then the data dropped."""
+        self.apply_marks()
         self.index.flush()
         self.cow.sync()
         self.checkpoint(clean, flags=self.cow.header.flags | FLAG_INCREMENTAL)
