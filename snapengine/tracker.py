@@ -66,6 +66,8 @@ from itertools import chain, compress, count, repeat
 from operator import and_
 from typing import Callable
 
+import xxhash
+
 from .cowfile import (
     AHEAD,
     FLAG_CLEAN,
@@ -85,6 +87,8 @@ from .errors import SnapError
 from .fileio import FileIO, GroupSync
 from .index import Index, IndexPage, bit_runs
 from .units import BLOCK_SHIFT, BLOCK_SIZE, nr_blocks
+
+_xxh3 = xxhash.xxh3_64_intdigest  # one saved block's checksum (see cowfile.block_checksums)
 
 log = logging.getLogger(__name__)
 
@@ -460,6 +464,11 @@ class SnapshotTracker(CowTracker):
                 if self.origin_io.pread_into(buf, offset) != length:
                     raise SnapError(errno.EIO, f"short read from origin {self.origin_io.path} "
                                     f"at {offset}")
+            elif length == BLOCK_SIZE and not offset & (BLOCK_SIZE - 1):  # one saved block
+                slot = entries[0] & SLOT_MASK
+                if self.cow.io.pread_into(buf, self.cow.slot_offset(slot)) != BLOCK_SIZE or \
+                        (_xxh3(buf, self.seed + first) or 1) != entries[1]:
+                    self._read(memoryview(buf).cast("B"), offset, first, entries)  # says why
             else:
                 self._read(memoryview(buf).cast("B"), offset, first, entries)
             if self.error:  # a first touch failed meanwhile: the origin may have moved on
