@@ -40,6 +40,10 @@ bench: setup
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	fi
 	$(VPY) bench/run.py $(BENCH_ARGS)
+	$(VPY) bench/durable.py
+	$(VPY) bench/update_img.py
+	$(VPY) bench/o1_timing.py
+	$(VPY) bench/rss.py
 
 # Long runs, not in CI: kill -9 rounds and the concurrency soak.
 SOAK_ROUNDS ?= 100

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Callable, Generic, Hashable, Iterator, TypeVar
+from typing import Callable, Generic, Hashable, TypeVar
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
@@ -36,9 +36,6 @@ class LRUCache(Generic[K, V]):
 
     def __contains__(self, key: K) -> bool:
         return key in self._items
-
-    def __iter__(self) -> Iterator[K]:
-        return iter(self._items)
 
     @property
     def bytes(self) -> int:

@@ -357,11 +357,6 @@ class CowFile:
     def write_data(self, slot: int, buf) -> None:
         self.io.pwrite(buf, self.slot_offset(slot))
 
-    def read_data_into(self, slot: int, buf) -> None:
-        if self.io.pread_into(buf, self.slot_offset(slot)) != len(memoryview(buf).cast("B")):
-            raise SnapError(errno.EIO, f"{self.path}: saved data for slot {slot} at offset "
-                            f"{self.slot_offset(slot)} is truncated")
-
     def release_data(self) -> None:
         """Drop every saved block (transition to incremental): the file shrinks."""
         self.io.truncate(self.header.data_offset)

@@ -18,8 +18,6 @@ import stat
 import struct
 import threading
 
-from .errors import SnapError
-
 # fallocate(2) modes (linux/falloc.h)
 FALLOC_FL_KEEP_SIZE = 0x01  # do not change the file size
 FALLOC_FL_PUNCH_HOLE = 0x02  # deallocate; reads return zeroes
@@ -203,12 +201,6 @@ def atomic_write(path: str, data: bytes) -> None:
         raise
     fsync_dir(path)
 
-
-def check_io_error(e: OSError, what: str) -> SnapError:
-    """Turn a raw OSError from a COW or origin operation into a SnapError naming ``what``."""
-    if isinstance(e, SnapError):
-        return e
-    return SnapError(e.errno or errno.EIO, f"{what}: {e.strerror or e}")
 
 
 class GroupSync:
