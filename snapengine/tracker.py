@@ -98,6 +98,7 @@ COPY_BLOCKS = 16  # blocks saved together on a first touch: 64 KiB clusters, as 
 REGION_SHIFT = INTENT_SHIFT - BLOCK_SHIFT  # block >> REGION_SHIFT is its write-intent region
 REUSE_MAX = 1 << 20  # copy buffers up to this size are kept per thread (16 threads: 16 MiB)
 MARK_BATCH = 64  # queued change marks applied together, under one lock
+MARK_CAP = 4096  # queued marks beyond which a writer waits to apply them
 
 _local = threading.local()
 
@@ -199,16 +200,19 @@ class CowTracker:
         no lock: writers do not contend) and applied with others in one batch."""
         self._record_intents(first, end)
         self._pending.append((first, end))
-        if len(self._pending) >= MARK_BATCH:
-            self.apply_marks()
+        queued = len(self._pending)
+        if queued >= MARK_BATCH:  # someone applies them; only past the cap must we wait
+            self.apply_marks(blocking=queued >= MARK_CAP)
 
-    def apply_marks(self) -> None:
+    def apply_marks(self, blocking: bool = True) -> None:
         """Apply the queued change marks to the index pages (in memory: they become
-        dirty). Call without the lock; done before every checkpoint and every count."""
-        if not self._pending:
+        dirty). Call without the lock; done before every checkpoint and every count.
+        Not ``blocking``: give up at once if another thread holds the lock (it is
+        probably applying them already)."""
+        if not self._pending or not self._lock.acquire(blocking):
             return
         try:
-            with self._lock:
+            try:
                 pending = self._pending
                 while pending:
                     first, end = pending.popleft()
@@ -218,6 +222,8 @@ class CowTracker:
                         page.dirty = True
                         page.version += 1
                         self._nr_changed += bits.bit_count()
+            finally:
+                self._lock.release()
         except Exception as e:  # a page could not be loaded: the list is broken
             self.fail(e)
 
