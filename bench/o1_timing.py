@@ -28,27 +28,31 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import nbd
+from common import (
+    BLOCK,
+    WINDOW,
+    Daemon,
+    GiB,
+    MiB,
+    TiB,
+    connected,
+    retire_one,
+    serving,
+    sparse_file,
+    workdir,
+)
 
 from snapengine.control import request
 
-BIN = os.path.dirname(sys.executable)  # the venv's bin: snapengine, elioctl
-BLOCK = 4096
-MiB = 1 << 20
-GiB = 1 << 30
-TiB = 1 << 40
 SIZES = (TiB, GiB)
 REPEATS = 5
 TARGET_S = 0.2
@@ -56,20 +60,6 @@ MINOR = "0"
 OPS = ("setup-snapshot", "transition-to-incremental", "transition-to-snapshot", "destroy")
 WAYS = ("elioctl", "in-process")
 SMALL_WRITES = 32
-WINDOW = 32  # NBD requests in flight
-
-
-@dataclass
-class Daemon:
-    run_dir: str
-    proc: subprocess.Popen
-
-    def uri(self, export: str) -> str:
-        return f"nbd+unix:///{export}?socket={self.run_dir}/nbd.sock"
-
-    @property
-    def ctl(self) -> str:
-        return os.path.join(self.run_dir, "ctl.sock")
 
 
 @dataclass
@@ -82,72 +72,6 @@ class Step:
 
 
 Timings = dict[tuple[int, str, str], list[float]]  # (origin size, way, op) -> seconds
-
-
-def sparse_file(path: str, size: int) -> str:
-    with open(path, "wb") as f:
-        f.truncate(size)
-    return path
-
-
-@contextmanager
-def workdir(parent: str | None) -> Iterator[str]:
-    path = tempfile.mkdtemp(prefix="snapengine-bench-", dir=parent or "/var/tmp")
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-def control_socket_answers(path: str) -> bool:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        try:
-            s.connect(path)
-            return True
-        except OSError:
-            return False
-
-
-@contextmanager
-def serving(run_dir: str, origins: list[tuple[str, str]]) -> Iterator[Daemon]:
-    """``snapengine serve`` in the foreground; SIGTERM (clean shutdown) at the end."""
-    os.makedirs(run_dir)
-    cmd = [os.path.join(BIN, "snapengine"), "serve", "--run-dir", run_dir]
-    cmd += [f"--origin={path}={name}" for path, name in origins]
-    with open(os.path.join(run_dir, "serve.out"), "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 30
-        while not control_socket_answers(os.path.join(run_dir, "ctl.sock")):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the daemon did not start (see {run_dir}/serve.out)")
-            time.sleep(0.05)
-        yield Daemon(run_dir, proc)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-@contextmanager
-def connected(uri: str) -> Iterator[nbd.NBD]:
-    h = nbd.NBD()
-    h.connect_uri(uri)
-    try:
-        yield h
-    finally:
-        h.shutdown()
-
-
-def retire_one(h: nbd.NBD) -> None:
-    """Wait for one command to complete; raise if it failed."""
-    while (cookie := h.aio_peek_command_completed()) == 0:
-        h.poll(-1)
-    h.aio_command_completed(cookie)
 
 
 def some_writes(h: nbd.NBD, rng: random.Random) -> None:
@@ -182,7 +106,7 @@ def cycle_steps(name: str, cow1: str, cow2: str) -> list[Step]:
 def timed_step(d: Daemon, way: str, step: Step) -> float:
     start = time.perf_counter()
     if way == "elioctl":
-        cmd = [os.path.join(BIN, "elioctl"), "--run-dir", d.run_dir, step.op, *step.argv]
+        cmd = d.command("elioctl", step.op, *step.argv)
         r = subprocess.run(cmd, check=False, capture_output=True, text=True)
         if r.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} exited {r.returncode}: {r.stderr.strip()}")

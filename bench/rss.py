@@ -35,27 +35,28 @@ import json
 import os
 import random
 import shutil
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
 import threading
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
 
 import nbd
+from common import (
+    BLOCK,
+    WINDOW,
+    GiB,
+    MiB,
+    TiB,
+    connected,
+    retire_one,
+    serving,
+    sparse_file,
+    workdir,
+)
 
 from snapengine.index import MIN_CACHE_PAGES, PAGE_COST
 
-BIN = os.path.dirname(sys.executable)  # the venv's bin: snapengine, elioctl
-BLOCK = 4096
 MB = 1000 * 1000  # -c is in MB
-MiB = 1 << 20
-GiB = 1 << 30
-TiB = 1 << 40
 ORIGIN_SIZE = TiB
 TARGET_BLOCKS = 2_000_000
 RUN_KIB = 256  # one trim: 64 blocks, inside one 1 MiB index page's range
@@ -63,29 +64,7 @@ HEADROOM = 64 * MiB  # allowed beyond -c
 CACHES_MB = (16, 64)
 MODES = ("incremental", "snapshot")
 RESERVE = 10 * GiB  # free space left to others when snapshot mode writes its COW data
-WINDOW = 32  # NBD requests in flight
 SAMPLE_EVERY = 0.1  # seconds
-
-
-@dataclass
-class Daemon:
-    run_dir: str
-    proc: subprocess.Popen
-
-    def uri(self, export: str) -> str:
-        return f"nbd+unix:///{export}?socket={self.run_dir}/nbd.sock"
-
-    def elioctl(self, *args: str) -> str:
-        cmd = [os.path.join(BIN, "elioctl"), "--run-dir", self.run_dir, *args]
-        r = subprocess.run(cmd, check=False, capture_output=True, text=True)
-        if r.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} exited {r.returncode}: {r.stderr.strip()}")
-        return r.stdout
-
-    @property
-    def pid(self) -> int:
-        with open(os.path.join(self.run_dir, "nbdkit.pid")) as f:
-            return int(f.read())
 
 
 @dataclass
@@ -106,65 +85,6 @@ class Result:
     @property
     def met(self) -> bool:
         return self.hwm <= self.limit and self.changed >= TARGET_BLOCKS
-
-
-def sparse_file(path: str, size: int) -> str:
-    with open(path, "wb") as f:
-        f.truncate(size)
-    return path
-
-
-@contextmanager
-def workdir(parent: str) -> Iterator[str]:
-    path = tempfile.mkdtemp(prefix="snapengine-bench-", dir=parent)
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-def control_socket_answers(path: str) -> bool:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        try:
-            s.connect(path)
-            return True
-        except OSError:
-            return False
-
-
-@contextmanager
-def serving(run_dir: str, origins: list[tuple[str, str]]) -> Iterator[Daemon]:
-    """``snapengine serve`` in the foreground; SIGTERM (clean shutdown) at the end."""
-    os.makedirs(run_dir)
-    cmd = [os.path.join(BIN, "snapengine"), "serve", "--run-dir", run_dir]
-    cmd += [f"--origin={path}={name}" for path, name in origins]
-    with open(os.path.join(run_dir, "serve.out"), "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 30
-        while not control_socket_answers(os.path.join(run_dir, "ctl.sock")):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the daemon did not start (see {run_dir}/serve.out)")
-            time.sleep(0.05)
-        yield Daemon(run_dir, proc)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(120)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-@contextmanager
-def connected(uri: str) -> Iterator[nbd.NBD]:
-    h = nbd.NBD()
-    h.connect_uri(uri)
-    try:
-        yield h
-    finally:
-        h.shutdown()
 
 
 def memory(pid: int) -> tuple[int, int]:
@@ -198,13 +118,6 @@ class Sampler:
     def _run(self) -> None:
         while not self._stop.wait(SAMPLE_EVERY):
             self.max_rss = max(self.max_rss, memory(self.pid)[0])
-
-
-def retire_one(h: nbd.NBD) -> None:
-    """Wait for one command to complete; raise if it failed."""
-    while (cookie := h.aio_peek_command_completed()) == 0:
-        h.poll(-1)
-    h.aio_command_completed(cookie)
 
 
 def trim_offsets(rng: random.Random, run_bytes: int) -> list[int]:

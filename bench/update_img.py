@@ -27,45 +27,31 @@ import argparse
 import os
 import random
 import re
-import shutil
-import signal
-import socket
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
 
 import nbd
+from common import (
+    BLOCK,
+    WINDOW,
+    Daemon,
+    GiB,
+    TiB,
+    connected,
+    retire_one,
+    run,
+    serving,
+    sparse_file,
+    workdir,
+)
 
-BIN = os.path.dirname(sys.executable)  # the venv's bin: snapengine, elioctl, update-img
-BLOCK = 4096
-GiB = 1 << 30
-TiB = 1 << 40
 REPEATS = 3
 TARGET_S = 2.0
 TARGET_ROW = (TiB, 1000)
 ROWS = [(TiB, 10), (TiB, 1000), (TiB, 10_000), (16 * GiB, 1000)]
-WINDOW = 32  # NBD requests in flight
 COPIED_RE = re.compile(r"copying complete: (\d+) blocks changed, (\d+) errors")
-
-
-@dataclass
-class Daemon:
-    run_dir: str
-    proc: subprocess.Popen
-
-    def uri(self, export: str) -> str:
-        return f"nbd+unix:///{export}?socket={self.run_dir}/nbd.sock"
-
-    def command(self, tool: str, *args: str) -> list[str]:
-        return [os.path.join(BIN, tool), "--run-dir", self.run_dir, *args]
-
-    def elioctl(self, *args: str) -> str:
-        return run(self.command("elioctl", *args))
 
 
 @dataclass
@@ -77,83 +63,10 @@ class Row:
     copied: int
 
 
-def run(cmd: list[str]) -> str:
-    r = subprocess.run(cmd, check=False, capture_output=True, text=True)
-    if r.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} exited {r.returncode}: {r.stderr.strip()}")
-    return r.stdout
-
-
 def timed(cmd: list[str]) -> tuple[float, str]:
     start = time.perf_counter()
     out = run(cmd)
     return time.perf_counter() - start, out
-
-
-def sparse_file(path: str, size: int) -> str:
-    with open(path, "wb") as f:
-        f.truncate(size)
-    return path
-
-
-@contextmanager
-def workdir(parent: str | None) -> Iterator[str]:
-    path = tempfile.mkdtemp(prefix="snapengine-bench-", dir=parent or "/var/tmp")
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-def control_socket_answers(path: str) -> bool:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        try:
-            s.connect(path)
-            return True
-        except OSError:
-            return False
-
-
-@contextmanager
-def serving(run_dir: str, origins: list[tuple[str, str]]) -> Iterator[Daemon]:
-    """``snapengine serve`` in the foreground; SIGTERM (clean shutdown) at the end."""
-    os.makedirs(run_dir)
-    cmd = [os.path.join(BIN, "snapengine"), "serve", "--run-dir", run_dir]
-    cmd += [f"--origin={path}={name}" for path, name in origins]
-    with open(os.path.join(run_dir, "serve.out"), "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 30
-        while not control_socket_answers(os.path.join(run_dir, "ctl.sock")):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the daemon did not start (see {run_dir}/serve.out)")
-            time.sleep(0.05)
-        yield Daemon(run_dir, proc)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-@contextmanager
-def connected(uri: str) -> Iterator[nbd.NBD]:
-    h = nbd.NBD()
-    h.connect_uri(uri)
-    try:
-        yield h
-    finally:
-        h.shutdown()
-
-
-def retire_one(h: nbd.NBD) -> None:
-    """Wait for one command to complete; raise if it failed."""
-    while (cookie := h.aio_peek_command_completed()) == 0:
-        h.poll(-1)
-    h.aio_command_completed(cookie)
 
 
 def write_blocks(h: nbd.NBD, blocks: list[int]) -> None:
