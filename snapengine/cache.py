@@ -29,7 +29,6 @@ class LRUCache(Generic[K, V]):
         self._pinned = pinned
         self._dispose = dispose
         self.max_bytes = max_bytes
-        self.evictions = 0
 
     def __len__(self) -> int:
         return len(self._items)
@@ -74,5 +73,4 @@ class LRUCache(Generic[K, V]):
                 self._items[key] = value
                 passed += 1
             else:
-                self.evictions += 1
                 self._dispose(value)

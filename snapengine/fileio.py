@@ -220,7 +220,6 @@ class GroupSync:
         self._done = 0  # the newest sync completed (by start number)
         self._running = False
         self._error: OSError | None = None
-        self.count = 0  # fdatasync calls made, for the benchmark
 
     def sync(self) -> None:
         with self._cond:
@@ -241,7 +240,6 @@ class GroupSync:
                     self._cond.acquire()
                     self._running = False
                     self._done = number
-                    self.count += 1
                     self._cond.notify_all()
             if self._error is not None:
                 raise self._error

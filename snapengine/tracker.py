@@ -138,8 +138,6 @@ class CowTracker:
     take it only to wake a draining writer.
     """
 
-    incremental = False
-
     def __init__(self, cow: CowFile, origin_io: FileIO, max_cache_bytes: int,
                  on_fail: Callable[["CowTracker"], None] | None = None) -> None:
         self.cow = cow
@@ -157,7 +155,6 @@ class CowTracker:
         self.on_fail = on_fail
         self.durable = cow.header.durable
         self.group_sync = GroupSync(cow.io)
-        self.saved_blocks = 0  # blocks saved by this process, for the benchmark
         self._claims: list[Claim] = []
         self._waiting = 0  # writers waiting for a claim to end
         self._holds: dict[int, tuple[int, int]] = {}  # reads in flight: ticket -> blocks
@@ -366,7 +363,6 @@ class SnapshotTracker(CowTracker):
             for (block, n, _), changed in zip(claim.runs, claim.changed):
                 Index.mark(claim.pages, block, n, changed)  # SAVED
                 self._nr_changed += changed.bit_count()
-                self.saved_blocks += n
             self._release(claim)
 
     def _claim(self, first: int, end: int) -> Claim | None:
@@ -570,8 +566,6 @@ class SnapshotTracker(CowTracker):
 class IncrementalTracker(CowTracker):
     """Incremental mode: records which blocks change, keeps no data. A change costs a
     mark in memory; the write-intent record keeps crashes from losing it."""
-
-    incremental = True
 
     def _set_changed(self, page: IndexPage, bits: int) -> int:
         entries = page.entries
