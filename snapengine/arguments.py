@@ -14,6 +14,7 @@ from .errors import SnapError
 from .origin import Origin
 
 MAX_MINORS_LIMIT = 255  # --max-minors N gives minors 0..N-1
+EXPORT_PREFIX = "elastio-snap"  # snapshot export of minor N: "elastio-snapN"; no origin name
 MAX_MB = 1 << 40  # largest -c or -f: a byte count that fits every header field
 
 
@@ -75,6 +76,44 @@ def find_origin(origins: Iterable[Origin], spec: Any, path: str | None = None) -
     raise SnapError(errno.ENODEV, f"{spec} is not served by this daemon (origins: {names})")
 
 
+def file_identity(path: str) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of the file at ``path`` (links followed), None if there is none."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def backing_origin(origins: Iterable[Origin], path: str) -> Origin | None:
+    """The origin whose backing file ``path`` is: by name, or by inode (a link)."""
+    real, identity = os.path.realpath(path), file_identity(path)
+    for origin in origins:
+        if origin.real_path == real or origin.identity == identity:
+            return origin
+    return None
+
+
+def check_origin_names(specs: list[tuple[str, str]]) -> None:
+    """Origins given to the daemon: names never take the snapshot prefix, no name twice,
+    no file twice (directly or through a link); EINVAL naming the first offender."""
+    names: set[str] = set()
+    files: dict[tuple[int, int], str] = {}
+    for path, name in specs:
+        if name.startswith(EXPORT_PREFIX):
+            raise SnapError(errno.EINVAL, f"origin name {name!r} begins with {EXPORT_PREFIX!r}, "
+                            "which names snapshot exports; choose another (--origin PATH=NAME)")
+        if name in names:
+            raise SnapError(errno.EINVAL, f"two origins named {name!r}")
+        names.add(name)
+        identity = file_identity(path)
+        if identity is not None and identity in files:
+            raise SnapError(errno.EINVAL, f"origin {path} is the same file as origin "
+                            f"{files[identity]}; a file is served once")
+        if identity is not None:
+            files[identity] = path
+
+
 def cow_path(cow_file: Any) -> str:
     """A COW file argument as an absolute path; EINVAL or EISDIR if it cannot be one."""
     if not isinstance(cow_file, str) or not cow_file or "\0" in cow_file:
@@ -94,11 +133,27 @@ def new_cow_path(origins: Iterable[Origin], cow_file: Any) -> str:
         raise SnapError(errno.ENOENT, f"directory {parent} of COW file {path} does not exist")
     if not os.path.isdir(parent):
         raise SnapError(errno.ENOTDIR, f"{parent} (parent of COW file {path}) is not a directory")
-    real = os.path.realpath(path)
-    for origin in origins:
-        if origin.real_path == real:
-            raise SnapError(errno.EINVAL, f"COW file {path} is the backing file of "
-                            f"origin {origin.name}")
+    origin = backing_origin(origins, path)
+    if origin is not None:
+        raise SnapError(errno.EINVAL, f"COW file {path} is the backing file of "
+                        f"origin {origin.name}")
     if os.path.lexists(path):
         raise SnapError(errno.EEXIST, f"{path} already exists; a COW file is never overwritten")
+    return path
+
+
+def reload_cow_path(origins: Iterable[Origin], others: Iterable[tuple[int, str, Any]],
+                    cow_file: Any) -> str:
+    """A COW file for reload-*: never an origin's backing file (EINVAL), never a file
+    another minor holds, by path or by inode (EBUSY). ``others``: (minor, COW path,
+    identity) of the minors set up."""
+    path = cow_path(cow_file)
+    origin = backing_origin(origins, path)
+    if origin is not None:
+        raise SnapError(errno.EINVAL, f"COW file {path} is the backing file of "
+                        f"origin {origin.name}")
+    identity = file_identity(path)
+    for number, other, other_identity in others:
+        if other == path or (identity is not None and identity == other_identity):
+            raise SnapError(errno.EBUSY, f"COW file {path} is held by minor {number} ({other})")
     return path

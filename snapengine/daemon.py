@@ -25,8 +25,10 @@ log = logging.getLogger(__name__)
 
 INFO_REFRESH = 0.5  # seconds between checks of the counters in the info file
 LOG_FORMAT = "%(asctime)s %(levelname)s (%(threadName)s) [%(name)s] %(message)s"
+SUPERVISOR_POLL = 0.2  # seconds between checks that the supervisor is alive
+ORPHAN_GRACE = 10.0  # seconds an orphaned daemon gets to close its COW files, then exits
 KEYS = ("run_dir", "origins", "max_minors", "cache_default", "fallocate_percent", "tcp",
-        "log", "verbose", "durable")
+        "log", "verbose", "durable", "supervisor")
 
 
 def setup_logging(verbose: bool, log_file: str | None) -> None:
@@ -83,6 +85,9 @@ class Daemon:
         self.control = ControlServer(self.engine, os.path.join(run_dir, "ctl.sock"))
         self.control.start()
         threading.Thread(target=self._refresh_info, name="info", daemon=True).start()
+        if self.params.get("supervisor"):
+            threading.Thread(target=self._watch_supervisor, args=(int(self.params["supervisor"]),),
+                             name="supervisor-watch", daemon=True).start()
         if self.params.get("tcp"):
             host, port = parse_hostport(self.params["tcp"])
             self.relay = TcpRelay(host, port, os.path.join(run_dir, "nbd.sock"))
@@ -97,6 +102,30 @@ class Daemon:
                 self.engine.publish()
             except Exception:
                 log.exception("cannot refresh the info file")
+
+    def _watch_supervisor(self, pid: int) -> None:
+        """Die with ``snapengine serve``: once it is gone (killed, even by SIGKILL, we
+        are re-parented), close every COW file cleanly and exit, clients or not, so a new
+        daemon can take the run directory at once. nbdkit's --exit-with-parent and a
+        parent-death signal do not end nbdkit while a client stays attached."""
+        while not self._stop.wait(SUPERVISOR_POLL):
+            if os.getppid() != pid:
+                break
+        else:
+            return
+        log.error("the supervisor (pid %d) is gone: closing every COW file and exiting", pid)
+        threading.Timer(ORPHAN_GRACE, os._exit, (1,)).start()  # never linger
+        try:
+            self.stop()
+            run_dir = self.engine.run_dir if self.engine is not None else ""
+            for name in ("nbd.sock", "nbdkit.pid"):  # nbdkit cannot remove them now
+                try:
+                    os.unlink(os.path.join(run_dir, name))
+                except OSError:
+                    pass
+        finally:
+            logging.shutdown()
+            os._exit(1)
 
     def stop(self) -> None:
         self._stop.set()

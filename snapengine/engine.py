@@ -29,10 +29,19 @@ import uuid as uuidlib
 from typing import Any
 
 from . import __version__
-from .arguments import check_settings, cow_path, find_origin, megabytes, minor_number, new_cow_path
+from .arguments import (
+    check_origin_names,
+    check_settings,
+    file_identity,
+    find_origin,
+    megabytes,
+    minor_number,
+    new_cow_path,
+    reload_cow_path,
+)
 from .cowfile import FLAG_DURABLE, CowFile, Header, boot_id
 from .errors import SnapError
-from .exports import OriginExport, SnapshotExport
+from .exports import FailedSnapshotExport, OriginExport, SnapshotExport
 from .fileio import FileIO
 from .minor import EXPORT_PREFIX, INCREMENTAL, SNAPSHOT, Minor
 from .origin import AbsentOrigin, Origin, open_exclusive
@@ -86,9 +95,8 @@ class Engine:
         """Open every origin and resume every registered minor; no client yet."""
         os.makedirs(self.run_dir, mode=0o755, exist_ok=True)
         try:
+            check_origin_names(self.origin_specs)
             for path, name in self.origin_specs:
-                if name in self.origins:
-                    raise SnapError(errno.EINVAL, f"two origins named {name!r}")
                 self.origins[name] = Origin(path, name, open_exclusive(path, self.opener))
             for entry in self.registry.load():
                 self._restore(entry)
@@ -147,7 +155,7 @@ class Engine:
         with self._lock:
             out = [(o.name, f"origin {o.path}") for o in self.origins.values()]
             for m in sorted(self.minors.values(), key=lambda m: m.number):
-                if m.snapshot is not None:
+                if m.snapshot is not None or (m.mode == SNAPSHOT and m.error):
                     out.append((m.export_name, f"snapshot of {m.origin.path} (minor {m.number})"))
             return out
 
@@ -160,9 +168,11 @@ class Engine:
                 self.attach(origin)
                 return OriginExport(self, origin, readonly)
             m = self._snapshot_minor(name)
-            if m is None or m.snapshot is None:
-                raise SnapError(errno.ENOENT, f"no export named {name!r}")
-            return SnapshotExport(m.snapshot, m.number, m.origin.size)
+            if m is not None and m.snapshot is not None:
+                return SnapshotExport(m.snapshot, m.number, m.origin.size)
+            if m is not None and m.mode == SNAPSHOT and m.error:  # failed before tracking
+                return FailedSnapshotExport(m.number, m.origin.size, m.why)
+            raise SnapError(errno.ENOENT, f"no export named {name!r}")
 
     def _snapshot_minor(self, name: str) -> Minor | None:
         digits = name[len(EXPORT_PREFIX):]
@@ -272,7 +282,9 @@ class Engine:
         cache = self._cache_bytes(cache_mb)
         with self._lock:
             origin = self._untracked_origin(n, block_device, block_device_path)
-            path = cow_path(cow_file)
+            path = reload_cow_path(self.origins.values(),
+                                   [(o.number, o.cow_path, o.owned) for o in self.minors.values()],
+                                   cow_file)
             m = Minor(n, origin, path, mode, cache, verified=False, active=False)
             self._save_registry({**self.minors, n: m})
             origin.minor = n
@@ -340,27 +352,42 @@ class Engine:
             log.info("minor %d: snapshot seq_id %d in %s; %s closed with %d changed blocks",
                      n, header.seq_id, path, old_path, old.nr_changed)
 
-    def destroy(self, minor: Any) -> None:
+    def destroy(self, minor: Any) -> str | None:
+        """Stop tracking and forget minor ``minor``; unlink its COW file only if the
+        daemon created it or verified it as this minor's. Returns a note for the user
+        when a file was left in place."""
         n = self._minor_number(minor)
         with self._lock:
             m = self._get(n)
+            self._save_registry({k: v for k, v in self.minors.items() if k != n})
             if m.tracker is not None:
                 with m.origin.gate.closed():
                     if m.origin.tracker is m.tracker:
                         m.origin.tracker = None
                 m.tracker.quiesce()
                 m.tracker.cow.close()
-            try:
-                os.unlink(m.cow_path)
-            except FileNotFoundError:
-                pass
-            except OSError as e:
-                log.warning("minor %d: cannot unlink %s: %s", n, m.cow_path, e)
             m.origin.minor = None
             del self.minors[n]
-            self._save_registry(self.minors)
             self.publish()
-            log.info("minor %d: destroyed, %s removed", n, m.cow_path)
+            note = self._remove_cow(m)
+            log.info("minor %d: destroyed; %s", n, note or f"{m.cow_path} removed")
+            return note
+
+    @staticmethod
+    def _remove_cow(m: Minor) -> str | None:
+        """Unlink ``m``'s COW file if it is still the file the daemon owned; else say why not."""
+        identity = file_identity(m.cow_path)
+        if identity is None:
+            return f"{m.cow_path} was not there; nothing removed"
+        if m.owned is None or identity != m.owned:
+            return (f"{m.cow_path} left in place: the daemon neither created it nor "
+                    "verified it as this minor's COW file")
+        try:
+            os.unlink(m.cow_path)
+        except OSError as e:
+            log.warning("minor %d: cannot unlink %s: %s", m.number, m.cow_path, e)
+            return f"cannot remove {m.cow_path}: {e.strerror}"
+        return None
 
     def reconfigure(self, minor: Any, cache_mb: Any = None) -> None:
         n = self._minor_number(minor)
@@ -418,6 +445,7 @@ class Engine:
             cow.close()
             os.unlink(cow.path)
             raise
+        m.owned = _identity(cow)
         m.origin.minor = m.number
         self.minors[m.number] = m
         self.publish()
@@ -488,12 +516,14 @@ class Engine:
             return
         if isinstance(origin, AbsentOrigin):
             self._fault(m, SnapError(errno.ENODEV, f"origin {origin.path} is not served"))
+            m.owned = _chain_file(m.cow_path, entry["uuid"], self.opener)
             return
         try:
             self._resume(m, restart=True, uuid=entry["uuid"], seq_id=entry["seq_id"])
             log.info("minor %d: resumed %s in %s mode (state %d)", n, m.cow_path, m.mode, m.state)
         except SnapError as e:
             self._fault(m, e)
+            m.owned = _chain_file(m.cow_path, entry["uuid"], self.opener)
 
     def _resume(self, m: Minor, restart: bool = False, uuid: str | None = None,
                 seq_id: int | None = None) -> CowTracker:
@@ -509,6 +539,7 @@ class Engine:
         with m.origin.gate.closed():
             m.origin.tracker = m.tracker = tracker
         m.verified = True
+        m.owned = _identity(cow)
         return tracker
 
     def _fault(self, m: Minor, e: SnapError) -> None:
@@ -553,3 +584,18 @@ class Engine:
                 log.error("cannot write %s: %s", self.info_path, e)
                 return
             self._published = text
+
+
+def _identity(cow: CowFile) -> tuple[int, int]:
+    st = os.fstat(cow.io.fd)
+    return st.st_dev, st.st_ino
+
+
+def _chain_file(path: str, uuid: str, opener) -> tuple[int, int] | None:
+    """The identity of ``path`` if it still is a COW file of chain ``uuid`` (a file the
+    daemon made, which failed its checks at a restart), else None."""
+    try:
+        with CowFile.open(path, opener, writable=False) as cow:
+            return _identity(cow) if cow.header.uuid.hex() == uuid else None
+    except OSError:
+        return None

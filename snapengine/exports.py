@@ -32,17 +32,10 @@ class OriginExport:
         self.engine.detach(self.origin)
 
 
-class SnapshotExport:
-    """One NBD connection to ``elastio-snapN``: the read-only point-in-time image."""
+class ReadOnlyExport:
+    """What every snapshot export refuses: it is read-only."""
 
     writable = False
-
-    def __init__(self, tracker: SnapshotTracker, minor: int, size: int) -> None:
-        self.size = size
-        self.pread = tracker.read
-        h = tracker.cow.header  # update-img reads its identity from here
-        self.description = (f"snapengine snapshot: minor {minor}, uuid {h.uuid.hex()}, "
-                            f"seq_id {h.seq_id}")
 
     def pwrite(self, buf, offset: int, fua: bool) -> None:
         raise SnapError(errno.EPERM, "snapshot exports are read-only")
@@ -58,3 +51,27 @@ class SnapshotExport:
 
     def close(self) -> None:
         pass
+
+
+class SnapshotExport(ReadOnlyExport):
+    """One NBD connection to ``elastio-snapN``: the read-only point-in-time image."""
+
+    def __init__(self, tracker: SnapshotTracker, minor: int, size: int) -> None:
+        self.size = size
+        self.pread = tracker.read
+        h = tracker.cow.header  # update-img reads its identity from here
+        self.description = (f"snapengine snapshot: minor {minor}, uuid {h.uuid.hex()}, "
+                            f"seq_id {h.seq_id}")
+
+
+class FailedSnapshotExport(ReadOnlyExport):
+    """``elastio-snapN`` of a snapshot that failed before it could be served (its COW
+    file failed its checks at a restart or a reload): it opens, and every read is EIO."""
+
+    def __init__(self, minor: int, size: int, reason: str) -> None:
+        self.size = size
+        self.reason = reason
+        self.description = f"snapengine snapshot: minor {minor}, failed"
+
+    def pread(self, buf, offset: int) -> None:
+        raise SnapError(errno.EIO, f"the snapshot has failed: {self.reason}")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 from dataclasses import dataclass
 
+from .arguments import EXPORT_PREFIX
 from .errors import SnapError
 from .origin import Origin
 from .tracker import CowTracker, SnapshotTracker
@@ -30,8 +31,6 @@ STATE_ACTIVE_INCREMENTAL = 2
 STATE_ACTIVE_SNAPSHOT = 3
 STATE_UNVERIFIED_INCREMENTAL = 4
 STATE_UNVERIFIED_SNAPSHOT = 5
-
-EXPORT_PREFIX = "elastio-snap"  # snapshot export of minor N: "elastio-snapN"
 
 
 @dataclass
@@ -49,6 +48,8 @@ class Minor:
     reason: str = ""
     uuid: str | None = None  # identity the registry recorded, checked on resume
     seq_id: int | None = None
+    owned: tuple[int, int] | None = None  # (st_dev, st_ino) of the COW file the daemon
+    # created or verified as this minor's: the only file destroy may unlink
 
     @property
     def state(self) -> int:

@@ -117,6 +117,8 @@ class Origin:
         self.name = name
         self.io = io
         self.size = io.size()
+        st = os.fstat(io.fd)
+        self.identity = (st.st_dev, st.st_ino)  # the file itself, whatever names it
         self.gate = WriteGate()
         self.tracker: Tracker | None = None
         self.clients = 0  # open NBD connections on this origin's export
@@ -177,6 +179,7 @@ class AbsentOrigin(Origin):
     def __init__(self, path: str) -> None:  # no file: nothing can be written through it
         self.path = self.name = path
         self.size = 0
+        self.identity = (-1, -1)
         self.clients = 0
         self.minor = None
         self.tracker = None

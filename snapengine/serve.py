@@ -18,7 +18,7 @@ import time
 from typing import NoReturn
 
 from . import __version__
-from .arguments import check_settings
+from .arguments import check_origin_names, check_settings
 from .cli import DEFAULT_RUN_DIR
 from .control import remove_stale_socket, request
 from .engine import DEFAULT_CACHE_MB, DEFAULT_FALLOCATE_PERCENT, DEFAULT_MAX_MINORS
@@ -56,7 +56,7 @@ def build_parser() -> Parser:
                    help="also listen on TCP (unauthenticated: anyone who reaches it can "
                    "read and write the origins)")
     p.add_argument("--max-minors", type=int, default=DEFAULT_MAX_MINORS, metavar="N",
-                   help="minors are 0..N-1 (default %(default)s, at most 256)")
+                   help="minors are 0..N-1 (default %(default)s, at most 255)")
     p.add_argument("--cache-default", type=int, default=DEFAULT_CACHE_MB, metavar="MB",
                    help="index cache limit when -c is not given (default %(default)s)")
     p.add_argument("--fallocate-percent", type=float, default=DEFAULT_FALLOCATE_PERCENT,
@@ -203,6 +203,7 @@ def supervise(cmd: list[str], env: dict[str, str], run_dir: str) -> int:
     """
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, _stop)
+    cmd = cmd + [f"supervisor={os.getpid()}"]  # nbdkit exits when this process is gone
     try:
         proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, start_new_session=True)
     except Stop:
@@ -255,6 +256,7 @@ def serve(args: argparse.Namespace) -> int:
     run_dir = os.path.abspath(args.run_dir)
     os.makedirs(run_dir, mode=0o755, exist_ok=True)
     origins = [parse_origin(spec) for spec in args.origin] or [default_origin()]
+    check_origin_names(origins)
     for sock in ("ctl.sock", "nbd.sock"):
         remove_stale_socket(os.path.join(run_dir, sock))
     cmd = nbdkit_command(args, origins, run_dir)

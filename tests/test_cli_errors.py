@@ -263,6 +263,29 @@ class TestErrors:
             os.symlink(d.paths["disk1"], cow)
         fails(d, errno.EINVAL, *create(cow), watch=[tmp_path, state.dir])
 
+    @pytest.mark.parametrize("mode", ["snapshot", "incremental"])
+    @pytest.mark.parametrize("kind", ["disk2", "disk0", "symlink-to-disk1", "hardlink-to-disk2"])
+    def test_reload_cow_file_is_an_origin_backing_file(self, d, state, tmp_path, mode, kind):
+        """EINVAL: a later destroy must never unlink a served disk's image."""
+        cow = d.paths[kind] if kind in d.paths else tmp_path / "link"
+        if kind == "symlink-to-disk1":
+            os.symlink(d.paths["disk1"], cow)
+        elif kind == "hardlink-to-disk2":
+            os.link(d.paths["disk2"], cow)
+        fails(d, errno.EINVAL, f"reload-{mode}", "disk2", cow, FREE, watch=[tmp_path, state.dir])
+
+    @pytest.mark.parametrize("mode", ["snapshot", "incremental"])
+    @pytest.mark.parametrize("kind", ["cow-of-minor-0", "cow-of-minor-1", "symlink", "hardlink"])
+    def test_reload_cow_file_held_by_another_minor(self, d, state, tmp_path, mode, kind):
+        """EBUSY: two minors never share one COW file (by path, or by inode)."""
+        cow = {"cow-of-minor-0": state.cow0, "cow-of-minor-1": state.cow1}.get(
+            kind, str(tmp_path / "link"))
+        if kind == "symlink":
+            os.symlink(state.cow1, cow)
+        elif kind == "hardlink":
+            os.link(state.cow0, cow)
+        fails(d, errno.EBUSY, f"reload-{mode}", "disk2", cow, FREE, watch=[tmp_path, state.dir])
+
     @creators
     @pytest.mark.parametrize("value", ["-1", "-100", "0.5", "abc"])
     def test_fallocate_below_1mb(self, d, tmp_path, create, value):
