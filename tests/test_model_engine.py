@@ -385,11 +385,15 @@ class EngineModel(RuleBasedStateMachine):
                      (errno.ENOENT, e.transition_to_snapshot, (self.new_cow_path(), minor)),
                      (errno.EEXIST, e.setup_snapshot, (ORIGIN, existing, minor)),
                      (errno.EINVAL, e.setup_snapshot, (ORIGIN, self.origin_path, minor)),
+                     (errno.EINVAL, e.reload_snapshot, (ORIGIN, self.origin_path, minor)),
+                     (errno.EINVAL, e.reload_incremental, (ORIGIN, self.origin_path, minor)),
                      (errno.EINVAL, e.setup_snapshot, (ORIGIN, self.new_cow_path(), MAX_MINORS))]
         else:
             cases = [(errno.EBUSY, e.setup_snapshot, (ORIGIN, self.new_cow_path(), minor)),
                      (errno.EBUSY, e.setup_snapshot, (ORIGIN, self.new_cow_path(), other)),
-                     (errno.ENOENT, e.destroy, (other,))]
+                     (errno.ENOENT, e.destroy, (other,)),
+                     (errno.EBUSY, e.reload_snapshot, (ORIGIN, s.cow_path, other)),
+                     (errno.EBUSY, e.reload_incremental, (ORIGIN, s.cow_path, minor))]
             if s.snapshot:
                 cases.append((errno.EINVAL, e.transition_to_snapshot, (self.new_cow_path(), minor)))
             else:
