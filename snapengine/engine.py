@@ -47,6 +47,7 @@ from .minor import EXPORT_PREFIX, INCREMENTAL, SNAPSHOT, Minor
 from .origin import AbsentOrigin, Origin, open_exclusive
 from .recovery import open_verified
 from .registry import Registry
+from .stacking import carrying_origin
 from .tracker import CowTracker, IncrementalTracker, SnapshotTracker
 from .units import MB, MiB
 
@@ -57,6 +58,7 @@ DEFAULT_CACHE_MB = 300
 DEFAULT_FALLOCATE_PERCENT = 10
 INFO_FILE = "elastio-snap-info"
 REGISTRY_FILE = "registry.json"
+NBD_SOCKET = "nbd.sock"
 
 
 class Engine:
@@ -258,7 +260,7 @@ class Engine:
         cache = self._cache_bytes(cache_mb)
         with self._lock:
             origin = self._untracked_origin(n, block_device, block_device_path)
-            path = new_cow_path(self.origins.values(), cow_file)
+            path = self._placed(new_cow_path(self.origins.values(), cow_file))
             fallocate = self._fallocate_bytes(fallocate_mb, origin)
             header = Header(origin.size, uuidlib.uuid4().bytes, 1, fallocate,
                             flags=self._new_flags(), boot_id=boot_id())
@@ -282,9 +284,9 @@ class Engine:
         cache = self._cache_bytes(cache_mb)
         with self._lock:
             origin = self._untracked_origin(n, block_device, block_device_path)
-            path = reload_cow_path(self.origins.values(),
-                                   [(o.number, o.cow_path, o.owned) for o in self.minors.values()],
-                                   cow_file)
+            path = self._placed(reload_cow_path(
+                self.origins.values(),
+                [(o.number, o.cow_path, o.owned) for o in self.minors.values()], cow_file))
             m = Minor(n, origin, path, mode, cache, verified=False, active=False)
             self._save_registry({**self.minors, n: m})
             origin.minor = n
@@ -332,7 +334,7 @@ class Engine:
             if m.mode != INCREMENTAL:
                 raise SnapError(errno.EINVAL, f"minor {n} is not in incremental mode")
             m.require_healthy("transition-to-snapshot")
-            path = new_cow_path(self.origins.values(), cow_file)
+            path = self._placed(new_cow_path(self.origins.values(), cow_file))
             old = m.tracker
             assert old is not None
             fallocate = self._fallocate_bytes(fallocate_mb, m.origin)
@@ -465,6 +467,17 @@ class Engine:
 
     def _tracker_failed(self, tracker: CowTracker) -> None:
         self.dirty.set()  # never takes _lock: called from the data path
+
+    def _placed(self, path: str) -> str:
+        """``path``, unless its file system is carried by one of our origins (EINVAL):
+        every COW write would go through this daemon's own disk and wait for itself."""
+        found = carrying_origin(os.path.dirname(path), [o.path for o in self.origins.values()],
+                                list(self.origins), os.path.join(self.run_dir, NBD_SOCKET))
+        if found:
+            raise SnapError(errno.EINVAL, f"COW file {path} is on a file system carried by "
+                            f"{found}: its writes would go through this daemon's own disk; "
+                            "put COW files on storage that no origin carries")
+        return path
 
     def _minor_number(self, minor: Any) -> int:
         """Check a minor argument (every control operation starts here)."""

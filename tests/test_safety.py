@@ -14,7 +14,17 @@ import time
 
 import pytest
 
-from support import BIN, Daemon, daemon, run, socket_answers, sparse_file, wait_for
+from support import (
+    BIN,
+    Daemon,
+    attached,
+    daemon,
+    mounted,
+    run,
+    socket_answers,
+    sparse_file,
+    wait_for,
+)
 
 nbd = pytest.importorskip("nbd")
 
@@ -192,3 +202,34 @@ def test_a_snapshot_failed_at_resume_answers_eio(tmp_path):
         finally:
             h.shutdown()
         assert socket_answers(d.nbd_socket)
+
+
+def test_a_cow_file_on_the_origins_own_file_system_is_refused(tmp_path):
+    """ext4 mounted from the origin through nbdfuse + loop: a COW path on it is refused
+    by every command that takes one (EINVAL, saying where COW files must go), at once;
+    the same commands work with a COW path elsewhere."""
+    specs = origins(tmp_path, "disk0")
+    with daemon(str(tmp_path / "run"), specs) as d:
+        with attached(d.uri("disk0"), str(tmp_path / "fuse")) as dev:
+            run(["mkfs.ext4", "-q", "-F", dev])
+            with mounted(dev, str(tmp_path / "fs")) as fs:
+                inside = os.path.join(fs, "sub")
+                os.mkdir(inside)
+                for args in (["setup-snapshot", "disk0", os.path.join(fs, "cow"), "4"],
+                             ["reload-snapshot", "disk0", os.path.join(inside, "cow"), "4"],
+                             ["reload-incremental", "disk0", os.path.join(fs, "cow"), "4"]):
+                    r = run([os.path.join(BIN, "elioctl"), "--run-dir", d.run_dir, *args],
+                            check=False, timeout=60)
+                    assert r.returncode == errno.EINVAL, r.stderr
+                    assert "carried by origin disk0" in r.stderr and "no origin" in r.stderr
+                d.elioctl("setup-snapshot", "disk0", str(tmp_path / "cow1"), "4")
+                d.elioctl("transition-to-incremental", "4")
+                r = d.elioctl("transition-to-snapshot", os.path.join(fs, "cow2"), "4",
+                              check=False)
+                assert r.returncode == errno.EINVAL, r.stderr
+                assert d.info(4)["state"] == 2 and "error" not in d.info(4)
+                assert sorted(os.listdir(fs)) == ["lost+found", "sub"]
+                with open(os.path.join(fs, "data"), "wb") as f:  # the disk works as usual
+                    f.write(os.urandom(MiB))
+                run(["sync"], timeout=60)
+                d.elioctl("destroy", "4")
