@@ -498,6 +498,8 @@ class Soak:
         self.new_point(windows)
         with open(self.backup, "wb") as f:  # a full backup of the new chain's first snapshot
             f.write(self.frozen_image())
+        run([os.path.join(BIN, "update-img"), "--run-dir", self.d.run_dir, "--stamp", "0",
+             self.backup])  # the image now holds snapshot 1 of this chain, not the last one's
 
     def to_incremental(self) -> None:
         self.gate.close()

@@ -2,18 +2,23 @@
 changed, as listed in the previous snapshot's (closed) COW file.
 
     update-img [--run-dir DIR] [--minor N] <snapshot> <cow file> <image file>
+    update-img [--run-dir DIR] [--minor N] --full <snapshot> <image file>
+    update-img [--run-dir DIR] [--minor N] --stamp <snapshot> <image file>
 
 Everything is checked before the image is touched: the COW file is a clean, unfailed
 snapengine COW file whose index matches its header; it belongs to the same backup chain
 as the snapshot (uuid) and is the one just before it (seq_id = snapshot's - 1); the
-image, the COW file's origin and the snapshot have the same size. Any mismatch: exit
-EINVAL, image untouched.
+image, the COW file's origin and the snapshot have the same size; the image's stamp (the
+chain uuid and seq_id it holds) is the COW file's. Any mismatch: exit EINVAL, image
+untouched. --full copies the whole snapshot (holes kept), --stamp marks an image made by
+another tool as holding the snapshot; every success (re)stamps the image.
 """
 
 from __future__ import annotations
 
 import argparse
 import errno
+import json
 import os
 import queue
 import re
@@ -27,13 +32,18 @@ from . import changes
 from .cli import CTL_SOCKET, DEFAULT_RUN_DIR
 from .control import request
 from .errors import SnapError
+from .fileio import atomic_write
 from .minor import EXPORT_PREFIX
 from .units import BLOCK_SIZE, MiB
 
 CHUNK = 4 * MiB  # largest single read: extents are coalesced up to this, and split at it
+HOLE_GRAIN = 64 * 1024  # --full leaves all-zero pieces of this size unwritten (holes)
 WORKERS = 4  # reads in flight (one NBD connection each)
 PROGRESS_EVERY = 0.2  # seconds between progress updates on a terminal
 DESCRIPTION_RE = re.compile(r"uuid ([0-9a-f]{32}), seq_id (\d+)")
+STAMP_XATTR = "user.snapengine.stamp"
+STAMP_SIDECAR = ".snapengine-stamp"  # <image>.snapengine-stamp where xattrs are refused
+NO_XATTR = (errno.ENOTSUP, errno.EPERM)  # EPERM: user.* is refused on device nodes
 
 
 @dataclass
@@ -47,27 +57,61 @@ class Snapshot:
     name: str
 
 
+@dataclass(frozen=True)
+class Stamp:
+    """What an image holds: snapshot seq_id of the chain uuid."""
+
+    uuid: str
+    seq_id: int
+
+
+USAGE = """
+  update-img [--run-dir DIR] [--minor N] <snapshot> <cow file> <image file>
+  update-img [--run-dir DIR] [--minor N] --full <snapshot> <image file>
+  update-img [--run-dir DIR] [--minor N] --stamp <snapshot> <image file>"""
+
+
 class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         raise SnapError(errno.EINVAL, f"{message} (see 'update-img --help')")
 
 
 def build_parser() -> Parser:
-    p = Parser(prog="update-img", description=__doc__.split("\n\n")[0].strip(),
+    p = Parser(prog="update-img", usage=USAGE, description=__doc__.split("\n\n")[0].strip(),
                formatter_class=argparse.RawDescriptionHelpFormatter, epilog="""\
 <snapshot> is a minor number (4), an export name (elastio-snap4), an NBD URI
 (nbd+unix:///elastio-snap4?socket=/run/elastio-snap/nbd.sock, nbd://host/elastio-snap4),
 or a local file or block device holding the snapshot (then give --minor, so its uuid and
 seq_id can be asked of the daemon). Prints 'copying complete: N blocks changed, E errors'
-and exits 0 only if every block was copied and the image was synced.""")
+(--full: 'N blocks copied') and exits 0 only if every block was copied and the image was
+synced; then the image is stamped (xattr user.snapengine.stamp, or <image>.snapengine-stamp
+where xattrs are not supported) with the chain's uuid and the snapshot's seq_id. An image
+stamped otherwise than the COW file's uuid and seq_id is refused (EINVAL, untouched).""")
     p.add_argument("--run-dir", default=os.environ.get("ELIO_RUN_DIR", DEFAULT_RUN_DIR),
                    help="the daemon's run directory (default %(default)s)")
     p.add_argument("--minor", type=int, help="the snapshot's minor, when <snapshot> is a "
                    "local device or a URI that does not name elastio-snapN")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--full", action="store_true", help="copy the whole snapshot into "
+                      "<image file> (created if missing) and stamp it")
+    mode.add_argument("--stamp", action="store_true", help="stamp <image file>, made by "
+                      "another tool (nbdcopy, dd), as holding <snapshot>")
     p.add_argument("snapshot", metavar="<snapshot>")
-    p.add_argument("cow_file", metavar="<cow file>")
-    p.add_argument("image", metavar="<image file>")
+    p.add_argument("files", nargs="*", metavar="<cow file> <image file>",
+                   help="<image file> alone with --full or --stamp")
     return p
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
+    whole = args.full or args.stamp
+    if len(args.files) != (1 if whole else 2):
+        usage = (f"--{'full' if args.full else 'stamp'} <snapshot> <image file>" if whole
+                 else "<snapshot> <cow file> <image file>")
+        raise SnapError(errno.EINVAL, f"wrong number of arguments: expected {usage} "
+                        "(see 'update-img --help')")
+    args.cow_file, args.image = ([None] if whole else []) + args.files
+    return args
 
 
 # -- the snapshot --------------------------------------------------------------------
@@ -173,6 +217,77 @@ def check(changed: changes.ChangeList, snap: Snapshot, image_size: int) -> None:
                         f"{snap.size}, COW file's origin {h.origin_size} bytes")
 
 
+# -- the stamp ---------------------------------------------------------------------------
+
+def _sidecar(image: str) -> str:
+    return image + STAMP_SIDECAR
+
+
+def read_stamp(image: str) -> Stamp | None:
+    """The image's stamp, None if it has none; EINVAL if it cannot be understood."""
+    try:
+        raw = os.getxattr(image, STAMP_XATTR)
+    except OSError as e:
+        if e.errno not in (errno.ENODATA, *NO_XATTR):
+            raise SnapError(e.errno or errno.EIO, f"cannot read the stamp of {image}: "
+                            f"{e.strerror}")
+        try:
+            with open(_sidecar(image), "rb") as f:
+                raw = f.read()
+        except FileNotFoundError:
+            return None
+    try:
+        doc = json.loads(raw)
+        return Stamp(str(doc["uuid"]), int(doc["seq_id"]))
+    except (ValueError, TypeError, KeyError) as e:
+        raise SnapError(errno.EINVAL, f"{image} has a damaged stamp ({e}): restamp it with "
+                        "'update-img --stamp' if you know which snapshot it holds")
+
+
+def write_stamp(image: str, fd: int, stamp: Stamp) -> None:
+    """Stamp the image (fd open on it) durably: the xattr, else the sidecar file."""
+    raw = json.dumps({"uuid": stamp.uuid, "seq_id": stamp.seq_id}).encode()
+    try:
+        os.setxattr(fd, STAMP_XATTR, raw)
+        os.fsync(fd)
+        return
+    except OSError as e:
+        if e.errno not in NO_XATTR:
+            raise
+    atomic_write(_sidecar(image), raw)
+
+
+def clear_stamp(image: str, fd: int) -> None:
+    """Forget what the image held (before it is overwritten)."""
+    try:
+        os.removexattr(fd, STAMP_XATTR)
+    except OSError as e:
+        if e.errno not in (errno.ENODATA, *NO_XATTR):
+            raise SnapError(e.errno or errno.EIO, f"cannot clear the stamp of {image}: "
+                            f"{e.strerror}")
+    try:
+        os.unlink(_sidecar(image))
+    except FileNotFoundError:
+        pass
+
+
+def check_stamp(image: str, changed: changes.ChangeList) -> None:
+    """The image holds the snapshot the COW file starts from; EINVAL if not. An unstamped
+    image is taken on trust, with one warning line."""
+    h = changed.header
+    stamp = read_stamp(image)
+    if stamp is None:
+        print(f"update-img: warning: {image} has no stamp; taking it as snapshot {h.seq_id} "
+              f"of chain {h.uuid.hex()} (stamp images with 'update-img --stamp')",
+              file=sys.stderr)
+    elif stamp.uuid != h.uuid.hex():
+        raise SnapError(errno.EINVAL, f"{image} holds a snapshot of another backup chain: "
+                        f"uuid {stamp.uuid}, {changed.path}'s is {h.uuid.hex()}")
+    elif stamp.seq_id != h.seq_id:
+        raise SnapError(errno.EINVAL, f"{image} holds snapshot {stamp.seq_id}, but "
+                        f"{changed.path} (seq_id {h.seq_id}) updates snapshot {h.seq_id}")
+
+
 # -- copying ---------------------------------------------------------------------------
 
 def chunks(extents: Iterator[tuple[int, int]]) -> Iterator[tuple[int, int]]:
@@ -188,10 +303,12 @@ def chunks(extents: Iterator[tuple[int, int]]) -> Iterator[tuple[int, int]]:
 class Copier:
     """Copies chunks with WORKERS readers in flight; counts blocks copied and failed."""
 
-    def __init__(self, snap: Snapshot, image_fd: int, total: int) -> None:
+    def __init__(self, snap: Snapshot, image_fd: int, total: int,
+                 keep_holes: bool = False) -> None:
         self.snap = snap
         self.image_fd = image_fd
         self.total = total
+        self.keep_holes = keep_holes  # all-zero pieces are not written (the image is sparse)
         self.done = 0
         self.failed = 0
         self.first_error = ""
@@ -225,13 +342,22 @@ class Copier:
                 if read is None:
                     raise OSError(errno.EIO, "no connection to the snapshot")
                 data = read(length, offset)
-                os.pwrite(self.image_fd, data, offset)
+                self._write(data, offset)
                 with self._lock:
                     self.done += blocks
             except Exception as e:
                 with self._lock:
                     self.failed += blocks
                 self._note_error(f"blocks at {offset} (+{length} bytes): {e}")
+
+    def _write(self, data: bytes, offset: int) -> None:
+        if not self.keep_holes:
+            os.pwrite(self.image_fd, data, offset)
+            return
+        for i in range(0, len(data), HOLE_GRAIN):
+            piece = data[i:i + HOLE_GRAIN]
+            if piece.count(0) != len(piece):
+                os.pwrite(self.image_fd, piece, offset + i)
 
     def _note_error(self, message: str) -> None:
         with self._lock:
@@ -254,36 +380,117 @@ def progress_printer(stream) -> Callable[[int, int], None]:
     return show
 
 
-def update(args: argparse.Namespace) -> int:
-    changed = changes.read_closed(args.cow_file)
-    snap = open_snapshot(args.snapshot, args.run_dir, args.minor)
+def open_image(path: str, flags: int = os.O_WRONLY, mode: int = 0o600) -> int:
     try:
-        image_fd = os.open(args.image, os.O_WRONLY | os.O_CLOEXEC)
+        return os.open(path, flags | os.O_CLOEXEC, mode)
     except OSError as e:
-        raise SnapError(e.errno or errno.EIO, f"cannot open image {args.image}: {e.strerror}")
+        raise SnapError(e.errno or errno.EIO, f"cannot open image {path}: {e.strerror}")
+
+
+def image_size(fd: int) -> int:
+    return os.lseek(fd, 0, os.SEEK_END)
+
+
+def copy_and_stamp(copier: Copier, work: Iterator[tuple[int, int]], image: str, fd: int,
+                   stamp: Stamp, what: str) -> int:
+    """Copy, fsync, print the result; stamp the image only if all of it is safe."""
+    copier.run(work, progress_printer(sys.stderr))
+    if sys.stderr.isatty():
+        sys.stderr.write("\n")
     try:
-        check(changed, snap, os.lseek(image_fd, 0, os.SEEK_END))
-        copier = Copier(snap, image_fd, changed.header.nr_changed_blocks)
-        copier.run(chunks(changed.byte_extents()), progress_printer(sys.stderr))
-        if sys.stderr.isatty():
-            sys.stderr.write("\n")
-        try:
-            os.fsync(image_fd)
-        except OSError as e:
-            copier.failed = copier.failed or copier.done
-            copier.first_error = copier.first_error or f"fsync of {args.image}: {e}"
-    finally:
-        os.close(image_fd)
-    print(f"copying complete: {copier.done} blocks changed, {copier.failed} errors")
+        os.fsync(fd)
+    except OSError as e:
+        copier.failed = copier.failed or copier.done
+        copier.first_error = copier.first_error or f"fsync of {image}: {e}"
+    print(f"copying complete: {copier.done} blocks {what}, {copier.failed} errors")
     if copier.failed:
         print(f"update-img: {copier.first_error}", file=sys.stderr)
         return errno.EIO
+    try:
+        write_stamp(image, fd, stamp)
+    except OSError as e:
+        raise SnapError(errno.EIO, f"{image} holds snapshot {stamp.seq_id} but could not be "
+                        f"stamped ({e}): run 'update-img --stamp'")
+    return 0
+
+
+def update(args: argparse.Namespace) -> int:
+    changed = changes.read_closed(args.cow_file)
+    snap = open_snapshot(args.snapshot, args.run_dir, args.minor)
+    fd = open_image(args.image)
+    try:
+        check(changed, snap, image_size(fd))
+        check_stamp(args.image, changed)
+        copier = Copier(snap, fd, changed.header.nr_changed_blocks)
+        return copy_and_stamp(copier, chunks(changed.byte_extents()), args.image, fd,
+                              Stamp(snap.uuid, snap.seq_id), "changed")
+    finally:
+        os.close(fd)
+
+
+def open_full_image(path: str, size: int) -> int:
+    """The image for --full, empty and sparse at the snapshot's size: created if missing;
+    an existing one must have that size already."""
+    try:
+        fd = open_image(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except SnapError as e:
+        if e.errno != errno.EEXIST:
+            raise
+        fd = open_image(path)
+        try:
+            if image_size(fd) != size:
+                raise SnapError(errno.EINVAL, f"sizes differ: image {image_size(fd)}, "
+                                f"snapshot {size} bytes")
+            clear_stamp(path, fd)
+        except BaseException:
+            os.close(fd)
+            raise
+    try:
+        if os.path.isfile(path):
+            os.ftruncate(fd, 0)  # drop the old contents: what is not written is a hole
+            os.ftruncate(fd, size)
+    except OSError as e:
+        os.close(fd)
+        raise SnapError(e.errno or errno.EIO, f"cannot size image {path}: {e.strerror}")
+    return fd
+
+
+def run_full(args: argparse.Namespace) -> int:
+    snap = open_snapshot(args.snapshot, args.run_dir, args.minor)
+    fd = open_full_image(args.image, snap.size)
+    try:
+        # holes can be skipped only where the image reads as zeros already: a regular file
+        copier = Copier(snap, fd, (snap.size + BLOCK_SIZE - 1) // BLOCK_SIZE,
+                        keep_holes=os.path.isfile(args.image))
+        return copy_and_stamp(copier, chunks(iter([(0, snap.size)])), args.image, fd,
+                              Stamp(snap.uuid, snap.seq_id), "copied")
+    finally:
+        os.close(fd)
+
+
+def run_stamp(args: argparse.Namespace) -> int:
+    snap = open_snapshot(args.snapshot, args.run_dir, args.minor)
+    fd = open_image(args.image, os.O_RDONLY)
+    try:
+        if image_size(fd) != snap.size:
+            raise SnapError(errno.EINVAL, f"sizes differ: image {image_size(fd)}, snapshot "
+                            f"{snap.size} bytes")
+        os.fsync(fd)
+        write_stamp(args.image, fd, Stamp(snap.uuid, snap.seq_id))
+    except OSError as e:
+        if isinstance(e, SnapError):
+            raise
+        raise SnapError(e.errno or errno.EIO, f"cannot stamp {args.image}: {e.strerror}")
+    finally:
+        os.close(fd)
+    print(f"stamped {args.image}: uuid {snap.uuid}, seq_id {snap.seq_id}")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        return update(build_parser().parse_args(argv))
+        args = parse(argv)
+        return (run_full if args.full else run_stamp if args.stamp else update)(args)
     except SnapError as e:
         print(f"update-img: {e}", file=sys.stderr)
         return e.errno or errno.EIO
