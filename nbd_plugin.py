@@ -4,7 +4,8 @@
 
 Normally started by ``snapengine serve``. Parameters: run_dir (required), origins (JSON
 list of [path, export name]), max_minors, cache_default (MB), fallocate_percent, tcp
-(HOST:PORT), log (file), verbose (1).
+(HOST:PORT), log (file), verbose (1), durable (1), supervisor (a pid: exit when it is
+gone).
 
 Every callback goes through ``_failed`` on an exception: an OSError becomes its errno
 for the client (``nbdkit.set_error``), anything else is logged with its traceback and
@@ -56,6 +57,7 @@ def _callback(func):
 
 FUA = nbdkit.FLAG_FUA
 MAY_TRIM = nbdkit.FLAG_MAY_TRIM
+FAST_ZERO = nbdkit.FLAG_FAST_ZERO
 
 
 def thread_model():
@@ -127,6 +129,14 @@ def can_zero(h):
     return h.writable
 
 
+def can_fast_zero(h):
+    # Must be advertised: nbdkit 1.32 does not reject an unadvertised FAST_ZERO, its
+    # backend_zero asserts can_fast_zero == 1 and aborts the server. A zero here may copy
+    # to the COW file first, never guaranteed fast, so every fast zero fails fast with
+    # ENOTSUP (see ``zero``) and the client falls back to a normal zero.
+    return h.writable
+
+
 def can_fua(h):
     return nbdkit.FUA_NATIVE if h.writable else nbdkit.FUA_NONE
 
@@ -160,6 +170,9 @@ def pwrite(h, buf, offset, flags):
 
 
 def zero(h, count, offset, flags):
+    if flags & FAST_ZERO:
+        nbdkit.set_error(errno.ENOTSUP)  # the client falls back to a normal zero
+        raise OSError(errno.ENOTSUP, "fast zero is not supported")
     try:
         h.zero(count, offset, flags & MAY_TRIM, flags & FUA)
     except Exception as e:
