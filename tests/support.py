@@ -7,6 +7,7 @@ no FUSE mount and no loop device behind (the machine has only 8 loop devices).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -201,3 +202,25 @@ def sparse_file(path: str, size: int) -> str:
     with open(path, "wb") as f:
         f.truncate(size)
     return path
+
+
+def update_img(d: Daemon, *args) -> subprocess.CompletedProcess:
+    """update-img against daemon ``d``, not checked: the caller looks at the result."""
+    return run([os.path.join(BIN, "update-img"), "--run-dir", d.run_dir, *map(str, args)],
+               check=False)
+
+
+def digest(path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def export_bytes(d: Daemon, name: str) -> bytes:
+    """The whole content of export ``name``, read through libnbd."""
+    import nbd
+    h = nbd.NBD()
+    h.connect_uri(d.uri(name))
+    try:
+        return h.pread(h.get_size(), 0)
+    finally:
+        h.shutdown()

@@ -5,16 +5,14 @@ image and stamp untouched) an image stamped for another chain or another snapsho
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
-import subprocess
 
 import nbd
 import pytest
 
 from snapengine import updateimg
-from support import BIN, daemon, run, sparse_file
+from support import daemon, digest, export_bytes, run, sparse_file, update_img
 
 pytestmark = pytest.mark.e2e
 
@@ -23,31 +21,12 @@ SIZE = 16 * MiB
 STAMP = "user.snapengine.stamp"
 
 
-def update_img(d, *args) -> subprocess.CompletedProcess:
-    return run([os.path.join(BIN, "update-img"), "--run-dir", d.run_dir, *map(str, args)],
-               check=False)
-
-
 def stamp_of(path) -> dict | None:
     try:
         return json.loads(os.getxattr(path, STAMP))
     except OSError as e:
         assert e.errno == errno.ENODATA
         return None
-
-
-def digest(path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
-
-
-def export_bytes(d, name: str) -> bytes:
-    h = nbd.NBD()
-    h.connect_uri(d.uri(name))
-    try:
-        return h.pread(h.get_size(), 0)
-    finally:
-        h.shutdown()
 
 
 def write(d, *offsets: int) -> None:

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import shutil
 
@@ -12,31 +11,12 @@ import nbd
 import pytest
 
 from snapengine.cowfile import FLAG_CLEAN, CowFile
-from support import BIN, daemon, run, sparse_file
+from support import daemon, digest, export_bytes, run, sparse_file, update_img
 
 pytestmark = pytest.mark.e2e
 
 MiB = 1 << 20
 SIZE = 16 * MiB
-
-
-def update_img(d, *args: str):
-    return run([os.path.join(BIN, "update-img"), "--run-dir", d.run_dir, *map(str, args)],
-               check=False)
-
-
-def digest(path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
-
-
-def export_bytes(d, name: str) -> bytes:
-    h = nbd.NBD()
-    h.connect_uri(d.uri(name))
-    try:
-        return h.pread(h.get_size(), 0)
-    finally:
-        h.shutdown()
 
 
 @pytest.fixture(scope="module")
