@@ -94,6 +94,14 @@ def backing_origin(origins: Iterable[Origin], path: str) -> Origin | None:
     return None
 
 
+def refuse_backing_file(origins: Iterable[Origin], path: str) -> None:
+    """EINVAL if the COW file ``path`` is an origin's backing file."""
+    origin = backing_origin(origins, path)
+    if origin is not None:
+        raise SnapError(errno.EINVAL, f"COW file {path} is the backing file of "
+                        f"origin {origin.name}")
+
+
 def check_origin_names(specs: list[tuple[str, str]]) -> None:
     """Origins given to the daemon: names never take the snapshot prefix, no name twice,
     no file twice (directly or through a link); EINVAL naming the first offender."""
@@ -133,10 +141,7 @@ def new_cow_path(origins: Iterable[Origin], cow_file: Any) -> str:
         raise SnapError(errno.ENOENT, f"directory {parent} of COW file {path} does not exist")
     if not os.path.isdir(parent):
         raise SnapError(errno.ENOTDIR, f"{parent} (parent of COW file {path}) is not a directory")
-    origin = backing_origin(origins, path)
-    if origin is not None:
-        raise SnapError(errno.EINVAL, f"COW file {path} is the backing file of "
-                        f"origin {origin.name}")
+    refuse_backing_file(origins, path)
     if os.path.lexists(path):
         raise SnapError(errno.EEXIST, f"{path} already exists; a COW file is never overwritten")
     return path
@@ -148,10 +153,7 @@ def reload_cow_path(origins: Iterable[Origin], others: Iterable[tuple[int, str, 
     another minor holds, by path or by inode (EBUSY). ``others``: (minor, COW path,
     identity) of the minors set up."""
     path = cow_path(cow_file)
-    origin = backing_origin(origins, path)
-    if origin is not None:
-        raise SnapError(errno.EINVAL, f"COW file {path} is the backing file of "
-                        f"origin {origin.name}")
+    refuse_backing_file(origins, path)
     identity = file_identity(path)
     for number, other, other_identity in others:
         if other == path or (identity is not None and identity == other_identity):
