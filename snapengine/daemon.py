@@ -17,7 +17,13 @@ import threading
 from typing import Any
 
 from .control import ControlServer
-from .engine import DEFAULT_CACHE_MB, DEFAULT_FALLOCATE_PERCENT, DEFAULT_MAX_MINORS, Engine
+from .engine import (
+    DEFAULT_CACHE_MB,
+    DEFAULT_FALLOCATE_PERCENT,
+    DEFAULT_MAX_MINORS,
+    NBD_SOCKET,
+    Engine,
+)
 from .errors import SnapError
 from .relay import TcpRelay, parse_hostport
 
@@ -118,7 +124,7 @@ class Daemon:
         try:
             self.stop()
             run_dir = self.engine.run_dir if self.engine is not None else ""
-            for name in ("nbd.sock", "nbdkit.pid"):  # nbdkit cannot remove them now
+            for name in (NBD_SOCKET, "nbdkit.pid"):  # nbdkit cannot remove them now
                 try:
                     os.unlink(os.path.join(run_dir, name))
                 except OSError:

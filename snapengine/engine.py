@@ -157,7 +157,7 @@ class Engine:
         with self._lock:
             out = [(o.name, f"origin {o.path}") for o in self.origins.values()]
             for m in sorted(self.minors.values(), key=lambda m: m.number):
-                if m.snapshot is not None or (m.mode == SNAPSHOT and m.error):
+                if m.has_snapshot_export:
                     out.append((m.export_name, f"snapshot of {m.origin.path} (minor {m.number})"))
             return out
 
@@ -172,7 +172,7 @@ class Engine:
             m = self._snapshot_minor(name)
             if m is not None and m.snapshot is not None:
                 return SnapshotExport(m.snapshot, m.number, m.origin.size)
-            if m is not None and m.mode == SNAPSHOT and m.error:  # failed before tracking
+            if m is not None and m.has_snapshot_export:  # failed before tracking
                 return FailedSnapshotExport(m.number, m.origin.size, m.why)
             raise SnapError(errno.ENOENT, f"no export named {name!r}")
 
@@ -447,7 +447,7 @@ class Engine:
             cow.close()
             os.unlink(cow.path)
             raise
-        m.owned = _identity(cow)
+        m.owned = cow.io.identity()
         m.origin.minor = m.number
         self.minors[m.number] = m
         self.publish()
@@ -528,15 +528,14 @@ class Engine:
                      n, m.cow_path, origin.path)
             return
         if isinstance(origin, AbsentOrigin):
-            self._fault(m, SnapError(errno.ENODEV, f"origin {origin.path} is not served"))
-            m.owned = _chain_file(m.cow_path, entry["uuid"], self.opener)
+            self._fault_at_restart(m, SnapError(errno.ENODEV,
+                                                f"origin {origin.path} is not served"))
             return
         try:
             self._resume(m, restart=True, uuid=entry["uuid"], seq_id=entry["seq_id"])
             log.info("minor %d: resumed %s in %s mode (state %d)", n, m.cow_path, m.mode, m.state)
         except SnapError as e:
-            self._fault(m, e)
-            m.owned = _chain_file(m.cow_path, entry["uuid"], self.opener)
+            self._fault_at_restart(m, e)
 
     def _resume(self, m: Minor, restart: bool = False, uuid: str | None = None,
                 seq_id: int | None = None) -> CowTracker:
@@ -552,8 +551,14 @@ class Engine:
         with m.origin.gate.closed():
             m.origin.tracker = m.tracker = tracker
         m.verified = True
-        m.owned = _identity(cow)
+        m.owned = cow.io.identity()
         return tracker
+
+    def _fault_at_restart(self, m: Minor, e: SnapError) -> None:
+        """A registered minor cannot resume: failed; its COW file stays ours (destroy
+        may unlink it) only if it still is a file of the minor's chain."""
+        self._fault(m, e)
+        m.owned = _chain_file(m.cow_path, m.uuid, self.opener)
 
     def _fault(self, m: Minor, e: SnapError) -> None:
         m.fault, m.reason = -(e.errno or errno.EIO), str(e)
@@ -599,16 +604,11 @@ class Engine:
             self._published = text
 
 
-def _identity(cow: CowFile) -> tuple[int, int]:
-    st = os.fstat(cow.io.fd)
-    return st.st_dev, st.st_ino
-
-
-def _chain_file(path: str, uuid: str, opener) -> tuple[int, int] | None:
+def _chain_file(path: str, uuid: str | None, opener) -> tuple[int, int] | None:
     """The identity of ``path`` if it still is a COW file of chain ``uuid`` (a file the
     daemon made, which failed its checks at a restart), else None."""
     try:
         with CowFile.open(path, opener, writable=False) as cow:
-            return _identity(cow) if cow.header.uuid.hex() == uuid else None
+            return cow.io.identity() if cow.header.uuid.hex() == uuid else None
     except OSError:
         return None

@@ -59,6 +59,11 @@ class FileIO:
             os.close(fd)
             raise
 
+    def identity(self) -> tuple[int, int]:
+        """(st_dev, st_ino): the file itself, whatever path names it."""
+        st = os.fstat(self.fd)
+        return st.st_dev, st.st_ino
+
     def size(self) -> int:
         if self.is_block:
             buf = fcntl.ioctl(self.fd, BLKGETSIZE64, b"\0" * 8)

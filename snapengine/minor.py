@@ -82,6 +82,11 @@ class Minor:
         t = self.tracker
         return t if isinstance(t, SnapshotTracker) else None
 
+    @property
+    def has_snapshot_export(self) -> bool:
+        """``elastio-snapN`` exists: a snapshot served, or one that failed (reads EIO)."""
+        return self.snapshot is not None or (self.mode == SNAPSHOT and bool(self.error))
+
     def require_healthy(self, what: str) -> None:
         if not self.verified:
             raise SnapError(errno.EINVAL, f"minor {self.number} is unverified (state "

@@ -117,8 +117,7 @@ class Origin:
         self.name = name
         self.io = io
         self.size = io.size()
-        st = os.fstat(io.fd)
-        self.identity = (st.st_dev, st.st_ino)  # the file itself, whatever names it
+        self.identity = io.identity()
         self.gate = WriteGate()
         self.tracker: Tracker | None = None
         self.clients = 0  # open NBD connections on this origin's export
