@@ -16,6 +16,9 @@ from .origin import Origin
 MAX_MINORS_LIMIT = 255  # --max-minors N gives minors 0..N-1
 EXPORT_PREFIX = "elastio-snap"  # snapshot export of minor N: "elastio-snapN"; no origin name
 MAX_MB = 1 << 40  # largest -c or -f: a byte count that fits every header field
+DEFAULT_MAX_MINORS = 24  # snapengine serve --max-minors
+DEFAULT_CACHE_MB = 300  # -c when a command does not give it (--cache-default)
+DEFAULT_FALLOCATE_PERCENT = 10  # -f when a command does not give it: % of the origin
 
 
 def check_settings(max_minors: int, cache_default_mb: int, fallocate_percent: float) -> None:

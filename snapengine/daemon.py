@@ -17,15 +17,11 @@ import threading
 from typing import Any
 
 from .control import ControlServer
-from .engine import (
-    DEFAULT_CACHE_MB,
-    DEFAULT_FALLOCATE_PERCENT,
-    DEFAULT_MAX_MINORS,
-    NBD_SOCKET,
-    Engine,
-)
+from .arguments import DEFAULT_CACHE_MB, DEFAULT_FALLOCATE_PERCENT, DEFAULT_MAX_MINORS
+from .engine import Engine
 from .errors import SnapError
 from .relay import TcpRelay, parse_hostport
+from .rundir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +83,8 @@ class Daemon:
 
     def start_threads(self) -> None:
         assert self.engine is not None
-        run_dir = self.engine.run_dir
-        self.control = ControlServer(self.engine, os.path.join(run_dir, "ctl.sock"))
+        layout = self.engine.layout
+        self.control = ControlServer(self.engine, layout.ctl_socket)
         self.control.start()
         threading.Thread(target=self._refresh_info, name="info", daemon=True).start()
         if self.params.get("supervisor"):
@@ -96,7 +92,7 @@ class Daemon:
                              name="supervisor-watch", daemon=True).start()
         if self.params.get("tcp"):
             host, port = parse_hostport(self.params["tcp"])
-            self.relay = TcpRelay(host, port, os.path.join(run_dir, "nbd.sock"))
+            self.relay = TcpRelay(host, port, layout.nbd_socket)
             self.relay.start()
             log.warning("unauthenticated NBD listener on %s:%d", host, port)
 
@@ -123,10 +119,10 @@ class Daemon:
         threading.Timer(ORPHAN_GRACE, os._exit, (1,)).start()  # never linger
         try:
             self.stop()
-            run_dir = self.engine.run_dir if self.engine is not None else ""
-            for name in (NBD_SOCKET, "nbdkit.pid"):  # nbdkit cannot remove them now
+            layout = self.engine.layout if self.engine is not None else RunDir("")
+            for path in (layout.nbd_socket, layout.nbdkit_pid):  # nbdkit cannot remove them now
                 try:
-                    os.unlink(os.path.join(run_dir, name))
+                    os.unlink(path)
                 except OSError:
                     pass
         finally:

@@ -30,6 +30,9 @@ from typing import Any
 
 from . import __version__
 from .arguments import (
+    DEFAULT_CACHE_MB,
+    DEFAULT_FALLOCATE_PERCENT,
+    DEFAULT_MAX_MINORS,
     check_origin_names,
     check_settings,
     file_identity,
@@ -43,22 +46,18 @@ from .cowfile import FLAG_DURABLE, CowFile, Header, boot_id
 from .errors import SnapError
 from .exports import FailedSnapshotExport, OriginExport, SnapshotExport
 from .fileio import FileIO
+from .health import Health
 from .minor import EXPORT_PREFIX, INCREMENTAL, SNAPSHOT, Minor
 from .origin import AbsentOrigin, Origin, open_exclusive
 from .recovery import open_verified
 from .registry import Registry
+from .rundir import RunDir
 from .stacking import carrying_origin
 from .tracker import CowTracker, IncrementalTracker, SnapshotTracker
 from .units import MB, MiB
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_MINORS = 24
-DEFAULT_CACHE_MB = 300
-DEFAULT_FALLOCATE_PERCENT = 10
-INFO_FILE = "elastio-snap-info"
-REGISTRY_FILE = "registry.json"
-NBD_SOCKET = "nbd.sock"
 
 
 class Engine:
@@ -78,8 +77,9 @@ class Engine:
         self.origin_specs = origins
         self.origins: dict[str, Origin] = {}
         self.minors: dict[int, Minor] = {}
-        self.registry = Registry(os.path.join(run_dir, REGISTRY_FILE))
-        self.info_path = os.path.join(run_dir, INFO_FILE)
+        self.layout = RunDir(run_dir)
+        self.registry = Registry(self.layout.registry)
+        self.info_path = self.layout.info
         self.dirty = threading.Event()  # info is stale (set from the data path)
         self.stopped = False  # shutdown() ran: no more tracking, no more writes
         self._lock = threading.RLock()
@@ -168,7 +168,7 @@ class Engine:
             origin = self.origins.get(name)
             if origin is not None:
                 self.attach(origin)
-                return OriginExport(self, origin, readonly)
+                return OriginExport(origin, readonly, self.detach)
             m = self._snapshot_minor(name)
             if m is not None and m.snapshot is not None:
                 return SnapshotExport(m.snapshot, m.number, m.origin.size)
@@ -188,7 +188,7 @@ class Engine:
         with self._lock:
             origin.clients += 1
             m = self._minor_of(origin)
-            if m is None or m.active or m.fault:
+            if m is None or m.active or (m.error and m.tracker is None):
                 return
             if not m.verified:
                 self._verify_reloaded(m)
@@ -264,7 +264,7 @@ class Engine:
             fallocate = self._fallocate_bytes(fallocate_mb, origin)
             header = Header(origin.size, uuidlib.uuid4().bytes, 1, fallocate,
                             flags=self._new_flags(), boot_id=boot_id())
-            m = Minor(n, origin, path, SNAPSHOT, cache, fallocate)
+            m = Minor(n, origin, path, SNAPSHOT, cache, fallocate, health=Health(self.dirty.set))
             self._install(m, SnapshotTracker, self._create_cow(path, header))
             log.info("minor %d: snapshot of %s set up, COW file %s, limit %d bytes",
                      n, origin.path, path, fallocate)
@@ -287,7 +287,8 @@ class Engine:
             path = self._placed(reload_cow_path(
                 self.origins.values(),
                 [(o.number, o.cow_path, o.owned) for o in self.minors.values()], cow_file))
-            m = Minor(n, origin, path, mode, cache, verified=False, active=False)
+            m = Minor(n, origin, path, mode, cache, verified=False, active=False,
+                      health=Health(self.dirty.set))
             self._save_registry({**self.minors, n: m})
             origin.minor = n
             self.minors[n] = m
@@ -321,7 +322,7 @@ class Engine:
                     m.mode = SNAPSHOT
                     self._save_registry(self.minors)
                     raise
-                new = IncrementalTracker(old.cow, origin.io, m.max_cache, self._tracker_failed)
+                new = IncrementalTracker(old.cow, origin.io, m.max_cache, m.health)
                 origin.tracker = m.tracker = new
             self.publish()
             log.info("minor %d: incremental (state %d), %d blocks changed so far, data of "
@@ -430,7 +431,7 @@ class Engine:
         reopened); from the switch on, writes go to the new tracker and nothing is undone."""
         closed = False
         try:
-            tracker = kind(cow, m.origin.io, m.max_cache, self._tracker_failed)
+            tracker = kind(cow, m.origin.io, m.max_cache, m.health)
             if not m.active:
                 tracker.checkpoint(clean=True)
             with m.origin.gate.closed():
@@ -465,14 +466,11 @@ class Engine:
                 raise
             raise SnapError(e.errno or errno.EIO, f"cannot create COW file {path}: {e.strerror}")
 
-    def _tracker_failed(self, tracker: CowTracker) -> None:
-        self.dirty.set()  # never takes _lock: called from the data path
-
     def _placed(self, path: str) -> str:
         """``path``, unless its file system is carried by one of our origins (EINVAL):
         every COW write would go through this daemon's own disk and wait for itself."""
         found = carrying_origin(os.path.dirname(path), [o.path for o in self.origins.values()],
-                                list(self.origins), os.path.join(self.run_dir, NBD_SOCKET))
+                                list(self.origins), self.layout.nbd_socket)
         if found:
             raise SnapError(errno.EINVAL, f"COW file {path} is on a file system carried by "
                             f"{found}: its writes would go through this daemon's own disk; "
@@ -520,6 +518,7 @@ class Engine:
         origin = self._origin_at(entry["origin"])
         m = Minor(n, origin, entry["cow_file"], entry["mode"], entry["max_cache"],
                   entry["fallocate"], active=False, verified=entry["uuid"] is not None,
+                  health=Health(self.dirty.set),
                   uuid=entry["uuid"], seq_id=entry["seq_id"])
         origin.minor = n
         self.minors[n] = m
@@ -546,7 +545,7 @@ class Engine:
                             self.opener, uuid, seq_id, recover=restart)
         m.mode = INCREMENTAL if cow.header.incremental else SNAPSHOT
         kind = IncrementalTracker if m.mode == INCREMENTAL else SnapshotTracker
-        tracker = kind(cow, m.origin.io, m.max_cache, self._tracker_failed)
+        tracker = kind(cow, m.origin.io, m.max_cache, m.health)
         m.fallocate = cow.header.fallocate
         with m.origin.gate.closed():
             m.origin.tracker = m.tracker = tracker
@@ -561,7 +560,7 @@ class Engine:
         m.owned = _chain_file(m.cow_path, m.uuid, self.opener)
 
     def _fault(self, m: Minor, e: SnapError) -> None:
-        m.fault, m.reason = -(e.errno or errno.EIO), str(e)
+        m.health.fail(e)
         log.error("minor %d: %s; the origin is served untracked", m.number, e)
 
     def _origin_at(self, path: str) -> Origin:

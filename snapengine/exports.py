@@ -3,21 +3,20 @@
 from __future__ import annotations
 
 import errno
-from typing import TYPE_CHECKING
+from typing import Callable
 
 from .errors import SnapError
 from .origin import Origin
 from .tracker import SnapshotTracker
 
-if TYPE_CHECKING:
-    from .engine import Engine
-
 
 class OriginExport:
-    """One NBD connection to an origin: read-write, every change tracked."""
+    """One NBD connection to an origin: read-write, every change tracked. ``detach``
+    is called once, when the client leaves (the last one sends the minor dormant)."""
 
-    def __init__(self, engine: "Engine", origin: Origin, readonly: bool) -> None:
-        self.engine = engine
+    def __init__(self, origin: Origin, readonly: bool,
+                 detach: Callable[[Origin], None]) -> None:
+        self._detach = detach
         self.origin = origin
         self.size = origin.size
         self.writable = not readonly
@@ -29,7 +28,7 @@ class OriginExport:
         self.flush = origin.flush
 
     def close(self) -> None:
-        self.engine.detach(self.origin)
+        self._detach(self.origin)
 
 
 class ReadOnlyExport:

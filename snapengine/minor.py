@@ -15,10 +15,11 @@ COW file is then closed cleanly); *active* otherwise. Failure is not a state: it
 from __future__ import annotations
 
 import errno
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .arguments import EXPORT_PREFIX
 from .errors import SnapError
+from .health import Health
 from .origin import Origin
 from .tracker import CowTracker, SnapshotTracker
 
@@ -44,8 +45,7 @@ class Minor:
     tracker: CowTracker | None = None
     verified: bool = True
     active: bool = True
-    fault: int = 0  # negative errno of a failure outside the tracker (verification)
-    reason: str = ""
+    health: Health = field(default_factory=Health)  # the one record of failure
     uuid: str | None = None  # identity the registry recorded, checked on resume
     seq_id: int | None = None
     owned: tuple[int, int] | None = None  # (st_dev, st_ino) of the COW file the daemon
@@ -62,15 +62,11 @@ class Minor:
 
     @property
     def error(self) -> int:
-        if self.fault:
-            return self.fault
-        return self.tracker.error if self.tracker is not None else 0
+        return self.health.error
 
     @property
     def why(self) -> str:
-        if self.fault:
-            return self.reason
-        return self.tracker.reason if self.tracker is not None else ""
+        return self.health.reason
 
     @property
     def export_name(self) -> str:

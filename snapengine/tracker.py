@@ -64,8 +64,6 @@ from array import array
 from collections import deque
 from itertools import chain, compress, count, repeat
 from operator import and_
-from typing import Callable
-
 import xxhash
 
 from .cowfile import (
@@ -85,6 +83,7 @@ from .cowfile import (
 )
 from .errors import SnapError
 from .fileio import FileIO, GroupSync
+from .health import Health
 from .index import Index, IndexPage, bit_runs
 from .units import BLOCK_SHIFT, BLOCK_SIZE, nr_blocks
 
@@ -139,7 +138,7 @@ class CowTracker:
     """
 
     def __init__(self, cow: CowFile, origin_io: FileIO, max_cache_bytes: int,
-                 on_fail: Callable[["CowTracker"], None] | None = None) -> None:
+                 health: Health | None = None) -> None:
         self.cow = cow
         self.origin_io = origin_io
         self.seed = cow.header.seed
@@ -150,9 +149,10 @@ class CowTracker:
         self._nr_changed = cow.header.nr_changed_blocks  # marks applied; see nr_changed
         self._pending: deque[tuple[int, int]] = deque()  # change marks not yet applied
         self.next_slot = cow.header.nr_slots + 1
-        self.error = cow.header.error  # 0, or a negative errno once failed
-        self.reason = f"failed before (error {self.error})" if self.error else ""
-        self.on_fail = on_fail
+        self.health = Health() if health is None else health  # the minor's: one failure
+        if cow.header.error and not self.health.error:
+            self.health.fail(SnapError(-cow.header.error,
+                                       f"failed before (error {cow.header.error})"))
         self.durable = cow.header.durable
         self.group_sync = GroupSync(cow.io)
         self._claims: list[Claim] = []
@@ -180,7 +180,7 @@ class CowTracker:
                 want = (1 << (end - first)) - 1
                 if page.changed >> (first & PAGE_MASK) & want == want:
                     return
-        if first >= end or self.error:
+        if first >= end or self.health.error:
             return
         try:
             self._save(first, end)
@@ -281,23 +281,26 @@ class CowTracker:
             self._draining -= 1
 
     # -- failure and life cycle ---------------------------------------------------------
+    @property
+    def error(self) -> int:
+        return self.health.error
+
+    @property
+    def reason(self) -> str:
+        return self.health.reason
+
     def fail(self, e: BaseException) -> None:
         """Fail the snapshot or change list for good, keeping the first reason."""
-        err = e.errno if isinstance(e, OSError) and e.errno else errno.EIO
         with self._lock:
-            if self.error:
+            if not self.health.fail(e):
                 return
-            self.error = -err
-            self.reason = str(e)
             self._cond.notify_all()
         log.error("%s: tracking failed, the COW file is no longer valid: %s",
                   self.cow.path, self.reason)
         try:
-            self.cow.write_header(flags=self.cow.header.flags | FLAG_FAILED, error=self.error)
+            self.cow.write_header(flags=self.cow.header.flags | FLAG_FAILED, error=self.health.error)
         except OSError as e2:
             log.error("%s: cannot record the failure in the header: %s", self.cow.path, e2)
-        if self.on_fail is not None:
-            self.on_fail(self)
 
     def quiesce(self) -> None:
         """Stop serving: wait for reads in flight; later reads get ENXIO.
@@ -316,14 +319,14 @@ class CowTracker:
         h = self.cow.header
         flags = h.flags if flags is None else flags
         flags = flags | FLAG_CLEAN if clean else flags & ~FLAG_CLEAN
-        if self.error:
+        if self.health.error:
             flags |= FLAG_FAILED
         if clean:
             self.index.flush()
             self.cow.sync()
             self._forget_intents()
         self.cow.write_header(flags=flags, nr_changed_blocks=nr_changed,
-                              nr_slots=self.nr_slots, error=self.error,
+                              nr_slots=self.nr_slots, error=self.health.error,
                               boot_id=h.boot_id if clean else boot_id())
 
     @property
@@ -367,7 +370,7 @@ class SnapshotTracker(CowTracker):
 
     def _claim(self, first: int, end: int) -> Claim | None:
         while True:
-            if self.error or self._closed:
+            if self.health.error or self._closed:
                 return None
             pages = self.index.pages(first, end)
             todo = Index.unsaved(pages, first, end)
@@ -459,7 +462,7 @@ class SnapshotTracker(CowTracker):
         hold = next(self._tickets)
         self._holds[hold] = (first, end)  # before looking at anything: see _drain
         try:
-            if self.error or self._closed:
+            if self.health.error or self._closed:
                 raise self._unreadable()
             page = self.index.peek(first >> PAGE_SHIFT) if length == BLOCK_SIZE else None
             if page is not None and not offset & (BLOCK_SIZE - 1):  # one aligned block
@@ -478,7 +481,7 @@ class SnapshotTracker(CowTracker):
                     self._read_origin(buf, offset)
                 else:
                     self._read(memoryview(buf).cast("B"), offset, first, entries)
-            if self.error:  # a first touch failed meanwhile: the origin may have moved on
+            if self.health.error:  # a first touch failed meanwhile: the origin may have moved on
                 raise self._unreadable()
         except SnapError as e:
             if e.errno not in (errno.EIO, errno.EUCLEAN):
@@ -508,7 +511,7 @@ class SnapshotTracker(CowTracker):
             return Index.entries(self.index.pages(first, end), first, end)
 
     def _unreadable(self) -> SnapError:
-        if self.error:
+        if self.health.error:
             return SnapError(errno.EIO, f"the snapshot has failed: {self.reason}")
         return SnapError(errno.ENXIO, "the snapshot has been removed")
 

@@ -1,0 +1,65 @@
+"""The run directory: every file the daemon keeps in it, named here and nowhere else.
+
+The daemon (nbdkit with our plugin), ``snapengine serve`` (its supervisor), ``elioctl``
+and ``update-img`` meet in one directory, ``--run-dir`` (default /run/elastio-snap,
+or $ELIO_RUN_DIR). ``RunDir(path).ctl_socket`` and so on give each file's path.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+DEFAULT_RUN_DIR = "/run/elastio-snap"
+RUN_DIR_ENV = "ELIO_RUN_DIR"  # overrides the default, as the kernel tools' scripts expect
+
+CTL_SOCKET = "ctl.sock"  # control protocol (docs/control-protocol.md), mode 0600
+NBD_SOCKET = "nbd.sock"  # every export: origins and elastio-snapN
+INFO_FILE = "elastio-snap-info"  # elioctl info's JSON, as /proc/elastio-snap-info
+REGISTRY_FILE = "registry.json"  # the minors a restart resumes (registry.py)
+NBDKIT_PID = "nbdkit.pid"  # written by nbdkit -P
+SUPERVISOR_PID = "snapengine.pid"  # snapengine serve: send it SIGTERM to stop the daemon
+DAEMON_LOG = "daemon.log"
+
+
+def default_run_dir() -> str:
+    return os.environ.get(RUN_DIR_ENV, DEFAULT_RUN_DIR)
+
+
+@dataclass(frozen=True)
+class RunDir:
+    path: str
+
+    def _at(self, name: str) -> str:
+        return os.path.join(self.path, name)
+
+    @property
+    def ctl_socket(self) -> str:
+        return self._at(CTL_SOCKET)
+
+    @property
+    def nbd_socket(self) -> str:
+        return self._at(NBD_SOCKET)
+
+    @property
+    def info(self) -> str:
+        return self._at(INFO_FILE)
+
+    @property
+    def registry(self) -> str:
+        return self._at(REGISTRY_FILE)
+
+    @property
+    def nbdkit_pid(self) -> str:
+        return self._at(NBDKIT_PID)
+
+    @property
+    def supervisor_pid(self) -> str:
+        return self._at(SUPERVISOR_PID)
+
+    @property
+    def log(self) -> str:
+        return self._at(DAEMON_LOG)
+
+    def nbd_uri(self, export: str) -> str:
+        return f"nbd+unix:///{export}?socket={self.nbd_socket}"
