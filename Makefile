@@ -39,18 +39,22 @@ bench: setup
 	if [ -n "$$missing" ]; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	fi
-	$(VPY) bench/run.py $(BENCH_ARGS)
-	$(VPY) bench/durable.py
-	$(VPY) bench/update_img.py
-	$(VPY) bench/o1_timing.py
-	$(VPY) bench/rss.py
+	$(VPY) -m bench.run $(BENCH_ARGS)
+	$(VPY) -m bench.durable
+	$(VPY) -m bench.update_img
+	$(VPY) -m bench.o1_timing
+	$(VPY) -m bench.rss
 
-# Long runs, not in CI: kill -9 rounds and the concurrency soak.
+# Long runs, not in CI: kill -9 rounds, the engine model with many more examples, and
+# the concurrency soak (tests/soak.py; tests/test_soak.py is its short CI version).
 SOAK_ROUNDS ?= 100
+SOAK_EXAMPLES ?= 5000
 SOAK_MINUTES ?= 10
 soak: setup
 	SNAPENGINE_KILL_ROUNDS=$(SOAK_ROUNDS) $(VPY) -m pytest -q tests/test_kill9.py
-	$(VPY) bench/soak.py --minutes $(SOAK_MINUTES)
+	SNAPENGINE_MODEL_EXAMPLES=$(SOAK_EXAMPLES) $(VPY) -m pytest -q tests/test_model_engine.py \
+	    -k test_engine_model
+	$(VPY) -m tests.soak --minutes $(SOAK_MINUTES)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """What `snapengine serve --durable` costs: first-touch writes with and without it.
 
 With --durable, the old data and index entries of every first touch are fdatasync'ed
@@ -12,44 +11,33 @@ measured on a fresh snapshot: a 4k randwrite first-touch pass over --touch-mib, 
 By default the files live on /var/tmp (a real disk: fdatasync is the point); --dir
 /dev/shm shows the CPU cost alone.
 
-    .venv/bin/python bench/durable.py [--dir DIR] [--size-mib N] [--touch-mib N] [--repeat N]
+    .venv/bin/python -m bench.durable [--dir DIR] [--size-mib N] [--touch-mib N] [--repeat N]
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import statistics
 import sys
 import tempfile
 
-import run as bench  # bench/run.py: fio, servers, images
+from bench import MiB
+from bench.run import MINOR, ORIGIN_NAME, RANDWRITE_4K, SEQWRITE_1M, Workload, make_image, run_fio
+from tests.harness import Daemon, daemon
 
-ROWS = ((bench.RANDWRITE_4K, "touch"), (bench.SEQWRITE_1M, "size"))
-
-
-def serve(stack: contextlib.ExitStack, image: str, run_dir: str, durable: bool) -> str:
-    os.makedirs(run_dir)
-    cmd = [str(bench.VENV_BIN / "snapengine"), "serve", "--run-dir", run_dir,
-           "--origin", f"{image}={bench.ORIGIN_NAME}"] + (["--durable"] if durable else [])
-    socks = [os.path.join(run_dir, "ctl.sock"), os.path.join(run_dir, "nbd.sock")]
-    stack.enter_context(bench.server("snapengine", cmd, socks, run_dir + ".log"))
-    return run_dir
+ROWS = ((RANDWRITE_4K, "touch"), (SEQWRITE_1M, "size"))
 
 
-def first_touch(run_dir: str, work: str, w: bench.Workload, pass_bytes: int, size: int,
+def first_touch(d: Daemon, work: str, w: Workload, pass_bytes: int, size: int,
                 repeat: int) -> float:
     """IOPS of one first-touch pass on a fresh snapshot (destroyed afterwards)."""
-    elioctl = [str(bench.VENV_BIN / "elioctl"), "--run-dir", run_dir]
-    cow = os.path.join(work, f"cow-{os.path.basename(run_dir)}-{w.bs}-{repeat}")
-    bench.run_checked(elioctl + ["setup-snapshot", "-f", str(size // bench.MiB + 1),
-                                 bench.ORIGIN_NAME, cow, bench.MINOR])
+    cow = os.path.join(work, f"cow-{os.path.basename(d.run_dir)}-{w.bs}-{repeat}")
+    d.elioctl("setup-snapshot", "-f", str(size // MiB + 1), ORIGIN_NAME, cow, MINOR)
     try:
-        uri = f"nbd+unix:///{bench.ORIGIN_NAME}?socket={run_dir}/nbd.sock"
-        return bench.run_fio(uri, w, 0, pass_bytes, repeat).iops
+        return run_fio(d.uri(ORIGIN_NAME), w, 0, pass_bytes, repeat).iops
     finally:
-        bench.run_checked(elioctl + ["destroy", bench.MINOR])
+        d.elioctl("destroy", MINOR)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,19 +47,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--touch-mib", type=int, default=256)
     p.add_argument("--repeat", type=int, default=3)
     a = p.parse_args(argv)
-    size, passes = a.size_mib * bench.MiB, {"touch": a.touch_mib * bench.MiB}
+    size, passes = a.size_mib * MiB, {"touch": a.touch_mib * MiB}
     passes["size"] = size
     results: dict[tuple[str, bool], list[float]] = {}
     with tempfile.TemporaryDirectory(dir=a.dir, prefix="snapengine-durable-") as work:
         image = os.path.join(work, "image.raw")
-        bench.make_image(image, size)
+        make_image(image, size)
         for r in range(a.repeat):
             for durable in (False, True) if r % 2 == 0 else (True, False):
-                with contextlib.ExitStack() as daemon:
-                    run_dir = serve(daemon, image, os.path.join(work, f"run-{durable}-{r}"),
-                                    durable)
+                with daemon(os.path.join(work, f"run-{durable}-{r}"), [(image, ORIGIN_NAME)],
+                            ["--durable"] if durable else [], verbose=False) as d:
                     for w, region in ROWS:
-                        iops = first_touch(run_dir, work, w, passes[region], size, r)
+                        iops = first_touch(d, work, w, passes[region], size, r)
                         results.setdefault((w.name, durable), []).append(iops)
                         print(f"[{r + 1}/{a.repeat}] {w.name} {'durable' if durable else 'plain'}:"
                               f" {iops:,.0f} IOPS", file=sys.stderr, flush=True)

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """The control operations cost O(1) in the origin size.
 
 What it measures: the wall time of setup-snapshot, transition-to-incremental,
@@ -20,7 +19,7 @@ Target: on the 1 TiB origin, each of the four operations has a median < 0.2 s, b
 through elioctl and in-process. Exit 0 if met, 1 if not. The daemon is stopped and
 every file removed at the end.
 
-    .venv/bin/python bench/o1_timing.py [--dir DIR]
+    .venv/bin/python -m bench.o1_timing [--dir DIR]
 """
 
 from __future__ import annotations
@@ -29,7 +28,6 @@ import argparse
 import os
 import random
 import statistics
-import subprocess
 import sys
 import time
 from contextlib import ExitStack
@@ -37,21 +35,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import nbd
-from common import (
-    BLOCK,
-    WINDOW,
-    Daemon,
-    GiB,
-    MiB,
-    TiB,
-    connected,
-    retire_one,
-    serving,
-    sparse_file,
-    workdir,
-)
 
-from snapengine.control import request
+from bench import BLOCK, GiB, MiB, TiB
+from tests.harness import Daemon, connected, daemon, pipelined, run, sparse_file, workdir
 
 SIZES = (TiB, GiB)
 REPEATS = 5
@@ -81,16 +67,7 @@ def some_writes(h: nbd.NBD, rng: random.Random) -> None:
     big = nbd.Buffer.from_bytearray(bytearray(rng.randbytes(MiB)))
     writes = [(small, rng.randrange(size // BLOCK) * BLOCK) for _ in range(SMALL_WRITES)]
     writes.append((big, rng.randrange(size // MiB) * MiB))
-    pending = 0
-    for buf, offset in writes:
-        if pending >= WINDOW:
-            retire_one(h)
-            pending -= 1
-        h.aio_pwrite(buf, offset)
-        pending += 1
-    for _ in range(pending):
-        retire_one(h)
-    h.flush()
+    pipelined(h, ((h.aio_pwrite, buf, offset) for buf, offset in writes))
 
 
 def cycle_steps(name: str, cow1: str, cow2: str) -> list[Step]:
@@ -106,12 +83,9 @@ def cycle_steps(name: str, cow1: str, cow2: str) -> list[Step]:
 def timed_step(d: Daemon, way: str, step: Step) -> float:
     start = time.perf_counter()
     if way == "elioctl":
-        cmd = d.command("elioctl", step.op, *step.argv)
-        r = subprocess.run(cmd, check=False, capture_output=True, text=True)
-        if r.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} exited {r.returncode}: {r.stderr.strip()}")
+        run(d.command("elioctl", step.op, *step.argv))
     else:
-        request(d.ctl, step.op, **step.fields)
+        d.request(step.op, **step.fields)
     return time.perf_counter() - start
 
 
@@ -164,7 +138,8 @@ def main() -> int:
         names = {size: f"origin-{size // GiB}G" for size in SIZES}
         served = [(sparse_file(os.path.join(base, f"{names[s]}.img"), s), names[s])
                   for s in SIZES]
-        with serving(os.path.join(base, "run"), served) as d, ExitStack() as stack:
+        with daemon(os.path.join(base, "run"), served, verbose=False) as d, \
+                ExitStack() as stack:
             handles = {size: stack.enter_context(connected(d.uri(names[size])))
                        for size in SIZES}
             for _ in range(REPEATS):

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """The daemon's memory stays within the index cache limit (-c) plus 64 MiB.
 
 What it measures: the resident set (VmRSS, and the peak VmHWM, from /proc/PID/status of
@@ -21,7 +20,7 @@ Target: in every run, peak (VmHWM) <= -c + 64 MiB, and nr_changed_blocks >= 2 00
 Exit 0 if met, 1 if not. Each run's daemon is stopped with SIGTERM and its files
 removed.
 
-    .venv/bin/python bench/rss.py [--dir DIR] [--cache MB...] [--modes MODE...]
+    .venv/bin/python -m bench.rss [--dir DIR] [--cache MB...] [--modes MODE...]
                                   [--run-kib KiB]
 
 --cache, --modes and --run-kib change the runs (e.g. ``--cache 300 --run-kib 16``: the
@@ -31,7 +30,6 @@ default -c with 500 000 pages touched); the defaults are the runs described abov
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import shutil
@@ -41,20 +39,10 @@ import time
 from dataclasses import dataclass
 
 import nbd
-from common import (
-    BLOCK,
-    WINDOW,
-    GiB,
-    MiB,
-    TiB,
-    connected,
-    retire_one,
-    serving,
-    sparse_file,
-    workdir,
-)
 
+from bench import BLOCK, GiB, MiB, TiB
 from snapengine.index import MIN_CACHE_PAGES, PAGE_COST
+from tests.harness import connected, daemon, pipelined, sparse_file, workdir
 
 MB = 1000 * 1000  # -c is in MB
 ORIGIN_SIZE = TiB
@@ -127,16 +115,7 @@ def trim_offsets(rng: random.Random, run_bytes: int) -> list[int]:
 
 
 def trim_all(h: nbd.NBD, offsets: list[int], run_bytes: int) -> None:
-    pending = 0
-    for offset in offsets:
-        if pending >= WINDOW:
-            retire_one(h)
-            pending -= 1
-        h.aio_trim(run_bytes, offset)
-        pending += 1
-    for _ in range(pending):
-        retire_one(h)
-    h.flush()
+    pipelined(h, ((h.aio_trim, run_bytes, offset) for offset in offsets))
 
 
 def snapshot_space_needed() -> int:
@@ -147,7 +126,7 @@ def measure(base: str, mode: str, cache_mb: int, offsets: list[int], run_bytes: 
     """One fresh daemon: set up minor 0 in ``mode`` with -c ``cache_mb``, trim, read RSS."""
     with workdir(base) as tmp:
         origin = sparse_file(os.path.join(tmp, "origin.img"), ORIGIN_SIZE)
-        with serving(os.path.join(tmp, "run"), [(origin, "origin")]) as d:
+        with daemon(os.path.join(tmp, "run"), [(origin, "origin")], verbose=False) as d:
             d.elioctl("setup-snapshot", "-c", str(cache_mb), "origin",
                       os.path.join(tmp, "cow"), "0")
             if mode == "incremental":
@@ -159,7 +138,7 @@ def measure(base: str, mode: str, cache_mb: int, offsets: list[int], run_bytes: 
                     trim_all(h, offsets, run_bytes)
                 seconds = time.monotonic() - started
                 after, hwm = memory(d.pid)
-                changed = json.loads(d.elioctl("info", "0"))["nr_changed_blocks"]
+                changed = d.info(0)["nr_changed_blocks"]
             d.elioctl("destroy", "0")
     return Result(mode, cache_mb, changed, before, max(sampler.max_rss, after), after, hwm,
                   seconds)

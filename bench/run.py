@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """snapengine benchmark: snapengine beside three peers, in one run, on one image.
 
 Method
@@ -39,6 +38,8 @@ of the per-repeat ratios (each pair measured minutes apart at most).
 Output: one markdown table (rows and ratios), the targets with PASS/MISS, and
 snapengine's counters (``elioctl info``) and COW file sizes after each snapshot
 scenario (last repeat). Progress goes to stderr; ``--json FILE`` also saves all.
+
+    .venv/bin/python -m bench.run [--quick] [--only SUBSTRING] [--json FILE]
 """
 
 from __future__ import annotations
@@ -49,7 +50,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -59,15 +59,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Iterator
 
-BENCH_DIR = Path(__file__).resolve().parent
-MINIMAL_PLUGIN = BENCH_DIR / "minimal_plugin.py"
-VENV_BIN = Path(sys.executable).parent  # run with .venv/bin/python: snapengine, elioctl
-MiB = 1 << 20
-BLOCK = 4096  # snapengine's tracking unit
+from bench import BLOCK, MiB
+from tests.harness import (
+    BIN,
+    CommandFailed,
+    Daemon,
+    ServerStartError,
+    daemon,
+    remove_stale_socket,
+    run,
+    sparse_file,
+    stop_process,
+    wait_socket,
+)
+
+MINIMAL_PLUGIN = Path(__file__).resolve().parent / "minimal_plugin.py"
 ORIGIN_NAME = "disk"  # snapengine's export name of the image
 MINOR = "0"
-START_TIMEOUT = 30.0  # seconds for a server to answer on its socket
-STOP_TIMEOUT = 60.0  # seconds for a server to exit after SIGTERM
 PASS_TIMEOUT = 1800.0  # seconds for one first-touch pass
 STATES = {0: "dormant incremental", 1: "dormant snapshot", 2: "active incremental",
           3: "active snapshot", 4: "unverified incremental", 5: "unverified snapshot"}
@@ -99,10 +107,6 @@ MODES = {
 
 class BenchError(Exception):
     """A step of the benchmark failed: the message says which and why."""
-
-
-class ServerStartError(BenchError):
-    """A server did not come up (its log tail is in the message)."""
 
 
 # -- workloads, rows, samples ---------------------------------------------------------
@@ -214,57 +218,10 @@ class Settings:
 
 # -- processes ------------------------------------------------------------------------
 
-def socket_answers(path: str) -> bool:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        s.connect(path)
-        return True
-    except OSError:
-        return False
-    finally:
-        s.close()
-
-
-def remove_stale_socket(path: str) -> None:
-    """nbdkit and qemu leave their socket behind when killed: remove it before a start."""
-    if os.path.lexists(path) and not socket_answers(path):
-        os.unlink(path)
-
-
-def log_tail(path: str, lines: int = 20) -> str:
-    try:
-        with open(path, errors="replace") as f:
-            return "".join(f.readlines()[-lines:])
-    except OSError:
-        return ""
-
-
-def wait_socket(sock: str, proc: subprocess.Popen, name: str, log: str) -> None:
-    deadline = time.monotonic() + START_TIMEOUT
-    while not socket_answers(sock):
-        if proc.poll() is not None:
-            raise ServerStartError(f"{name} exited with status {proc.returncode}:\n{log_tail(log)}")
-        if time.monotonic() > deadline:
-            raise ServerStartError(f"{name} did not answer on {sock} within {START_TIMEOUT:.0f} s")
-        time.sleep(0.05)
-
-
-def stop_process(proc: subprocess.Popen) -> None:
-    """SIGTERM, wait; SIGKILL only if it does not exit."""
-    if proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(STOP_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 @contextlib.contextmanager
 def server(name: str, cmd: list[str], socks: list[str], log: str) -> Iterator[subprocess.Popen]:
-    """Start ``cmd`` (a foreground server), wait until every socket of ``socks``
-    answers; SIGTERM it and wait for it on the way out."""
+    """Start ``cmd`` (a foreground server: nbdkit, qemu), wait until every socket of
+    ``socks`` answers; SIGTERM it and wait for it on the way out."""
     for sock in socks:
         remove_stale_socket(sock)
     with open(log, "ab") as out:
@@ -275,16 +232,15 @@ def server(name: str, cmd: list[str], socks: list[str], log: str) -> Iterator[su
             wait_socket(sock, proc, name, log)
         yield proc
     finally:
-        stop_process(proc)
-        for sock in socks:
-            remove_stale_socket(sock)
+        try:
+            stop_process(proc)
+        finally:
+            for sock in socks:
+                remove_stale_socket(sock)
 
 
 def run_checked(cmd: list[str], timeout: float = 120.0) -> str:
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    if r.returncode != 0:
-        raise BenchError(f"{' '.join(cmd)} exited {r.returncode}: {r.stderr.strip()[-2000:]}")
-    return r.stdout
+    return run(cmd, timeout=timeout).stdout
 
 
 def nbdkit_cmd(sock: str, plugin: list[str]) -> list[str]:
@@ -354,11 +310,6 @@ def make_image(path: str, size: int) -> None:
             f.write(os.urandom(min(chunk, size - offset)))
 
 
-def make_sparse(path: str, size: int) -> None:
-    with open(path, "wb") as f:
-        f.truncate(size)
-
-
 def file_sizes(path: str) -> tuple[int, int]:
     """(apparent, real) bytes: what ``du --apparent-size -B1`` and ``du -B1`` say."""
     st = os.stat(path)
@@ -379,6 +330,7 @@ class Bench:
         self.samples: dict[RowKey, list[Sample]] = {}
         self.counters: dict[str, Counters] = {}
         self.endpoints: dict[str, Endpoint] = {}
+        self.daemon: Daemon | None = None  # snapengine, once started
         self.qemu_reason = "" if shutil.which("qemu-storage-daemon") else \
             "qemu-storage-daemon is not installed (apt-get install qemu-system-common)"
         self._serial = 0
@@ -398,19 +350,12 @@ class Bench:
         return Endpoint(sock, "")
 
     def _snapengine(self) -> Endpoint:
-        run_dir = os.path.join(self.run, "snapengine")
-        os.makedirs(run_dir)
-        cmd = [str(VENV_BIN / "snapengine"), "serve", "--run-dir", run_dir,
-               "--origin", f"{self.image}={ORIGIN_NAME}"]
-        sock = os.path.join(run_dir, "nbd.sock")
-        socks = [os.path.join(run_dir, "ctl.sock"), sock]  # control, then NBD
-        self.stack.enter_context(server(SNAPENGINE, cmd, socks,
-                                        os.path.join(self.run, "snapengine.log")))
-        return Endpoint(sock, ORIGIN_NAME, f"elastio-snap{MINOR}")
+        self.daemon = self.stack.enter_context(daemon(
+            os.path.join(self.run, "snapengine"), [(self.image, ORIGIN_NAME)], verbose=False))
+        return Endpoint(self.daemon.nbd_socket, ORIGIN_NAME, f"elastio-snap{MINOR}")
 
     def elioctl(self, *args: str) -> str:
-        run_dir = os.path.join(self.run, "snapengine")
-        return run_checked([str(VENV_BIN / "elioctl"), "--run-dir", run_dir, *args])
+        return self.daemon.elioctl(*args).stdout
 
     def _next_path(self, prefix: str) -> str:
         self._serial += 1
@@ -438,7 +383,7 @@ class Bench:
             self.elioctl("destroy", MINOR)
 
     def _snapengine_counters(self, name: str, cow: str, expected: int | None) -> Counters:
-        info = json.loads(self.elioctl("info", MINOR))
+        info = self.daemon.info(MINOR)
         state = f"{info.get('state')} ({STATES.get(info.get('state', -1), '?')})"
         if "error" in info:
             state += f" error {info['error']}"
@@ -450,7 +395,7 @@ class Bench:
     def fleecing(self, name: str) -> Iterator[Endpoint]:
         """A fresh qemu-storage-daemon with a new, empty fleecing target."""
         fleece = self._next_path("fleece")
-        make_sparse(fleece, self.s.size)
+        sparse_file(fleece, self.s.size)
         sock = os.path.join(self.run, "qemu.sock")
         try:
             with server(QEMU, qemu_fleecing_cmd(self.image, fleece, sock), [sock],
@@ -705,10 +650,11 @@ def parse_args(argv: list[str] | None) -> Settings:
 
 def check_tools() -> None:
     missing = [t for t in ("fio", "nbdkit") if shutil.which(t) is None]
-    missing += [str(p) for p in (VENV_BIN / "snapengine", VENV_BIN / "elioctl") if not p.exists()]
+    missing += [p for p in (os.path.join(BIN, "snapengine"), os.path.join(BIN, "elioctl"))
+                if not os.path.exists(p)]
     if missing:
         raise BenchError(f"missing: {', '.join(missing)} (run `make setup`, and run this "
-                         "script with .venv/bin/python)")
+                         "script with .venv/bin/python -m bench.run)")
 
 
 def check_space(s: Settings) -> None:
@@ -748,7 +694,7 @@ def main(argv: list[str] | None = None) -> int:
         if s.json_path:
             with open(s.json_path, "w") as f:
                 json.dump(result, f, indent=2)
-    except (BenchError, OSError, subprocess.TimeoutExpired) as e:
+    except (BenchError, CommandFailed, ServerStartError, OSError, subprocess.TimeoutExpired) as e:
         print(f"bench: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """update-img's cost follows the number of changed blocks, not the origin size.
 
 What it measures: the wall time of ``update-img 0 <old cow> <image>`` and of
@@ -11,14 +10,14 @@ setup-snapshot (minor 0) into COW file 1, transition-to-incremental, N distinct 
 4 KiB blocks written through NBD (libnbd, pipelined), transition-to-snapshot into COW
 file 2. COW file 1 then lists exactly the N blocks. update-img copies them from the new
 snapshot (export elastio-snap0) into a sparse image of the origin's size (content
-irrelevant). The origin's NBD connection stays open, so the minor stays active, as on
+irrelevant; a new unstamped one for each run). The origin's NBD connection stays open, so the minor stays active, as on
 a live system. Each command runs 3 times on the same COW file; the table gives the
 median and every run. update-img must report exactly N blocks copied, 0 errors.
 
 Target: 1 TiB origin, 1 000 changed blocks: update-img median < 2 s.
 Exit 0 if met, 1 if not. Everything created (daemon, files) is removed at the end.
 
-    .venv/bin/python bench/update_img.py [--dir DIR]
+    .venv/bin/python -m bench.update_img [--dir DIR]
 """
 
 from __future__ import annotations
@@ -33,25 +32,16 @@ import time
 from dataclasses import dataclass
 
 import nbd
-from common import (
-    BLOCK,
-    WINDOW,
-    Daemon,
-    GiB,
-    TiB,
-    connected,
-    retire_one,
-    run,
-    serving,
-    sparse_file,
-    workdir,
-)
+
+from bench import BLOCK, GiB, TiB
+from tests.harness import Daemon, connected, daemon, pipelined, run, sparse_file, workdir
 
 REPEATS = 3
 TARGET_S = 2.0
 TARGET_ROW = (TiB, 1000)
 ROWS = [(TiB, 10), (TiB, 1000), (TiB, 10_000), (16 * GiB, 1000)]
 COPIED_RE = re.compile(r"copying complete: (\d+) blocks changed, (\d+) errors")
+STAMP_SIDECAR = ".snapengine-stamp"  # update-img's stamp beside an image without xattrs
 
 
 @dataclass
@@ -65,23 +55,14 @@ class Row:
 
 def timed(cmd: list[str]) -> tuple[float, str]:
     start = time.perf_counter()
-    out = run(cmd)
+    out = run(cmd).stdout
     return time.perf_counter() - start, out
 
 
 def write_blocks(h: nbd.NBD, blocks: list[int]) -> None:
-    """One 4 KiB write per block, WINDOW in flight."""
+    """One 4 KiB write per block, pipelined."""
     buf = nbd.Buffer.from_bytearray(bytearray(os.urandom(BLOCK)))
-    pending = 0
-    for block in blocks:
-        if pending >= WINDOW:
-            retire_one(h)
-            pending -= 1
-        h.aio_pwrite(buf, block * BLOCK)
-        pending += 1
-    for _ in range(pending):
-        retire_one(h)
-    h.flush()
+    pipelined(h, ((h.aio_pwrite, buf, block * BLOCK) for block in blocks))
 
 
 def copied_blocks(output: str) -> int:
@@ -91,18 +72,32 @@ def copied_blocks(output: str) -> int:
     return int(found.group(1))
 
 
+def unstamped_image(path: str, size: int) -> str:
+    """A new sparse image, without the stamp a previous update-img left (a stamped image
+    of snapshot 2 refuses the update from snapshot 1): each timed run starts alike."""
+    for old in (path, path + STAMP_SIDECAR):
+        if os.path.exists(old):
+            os.unlink(old)
+    return sparse_file(path, size)
+
+
+def timed_update(d: Daemon, cow: str, image: str, size: int) -> tuple[float, str]:
+    unstamped_image(image, size)
+    return timed(d.command("update-img", "0", cow, image))
+
+
 def measure(d: Daemon, base: str, origin: tuple[str, int], n: int, rng: random.Random) -> Row:
     """One row: make COW file 1 list n changed blocks, then time the two readers of it."""
     name, size = origin
     cow1, cow2 = os.path.join(base, "cow1"), os.path.join(base, "cow2")
-    image = sparse_file(os.path.join(base, "image"), size)
+    image = os.path.join(base, "image")
     d.elioctl("setup-snapshot", name, cow1, "0")
     try:
         with connected(d.uri(name)) as h:
             d.elioctl("transition-to-incremental", "0")
             write_blocks(h, rng.sample(range(size // BLOCK), n))
             d.elioctl("transition-to-snapshot", cow2, "0")
-            update = [timed(d.command("update-img", "0", cow1, image)) for _ in range(REPEATS)]
+            update = [timed_update(d, cow1, image, size) for _ in range(REPEATS)]
             listing = [timed(d.command("elioctl", "changed-blocks", cow1))[0]
                        for _ in range(REPEATS)]
         copied = {copied_blocks(out) for _, out in update}
@@ -111,7 +106,7 @@ def measure(d: Daemon, base: str, origin: tuple[str, int], n: int, rng: random.R
         return Row(size, n, [t for t, _ in update], listing, n)
     finally:
         d.elioctl("destroy", "0")  # removes cow2
-        for path in (cow1, image):
+        for path in (cow1, image, image + STAMP_SIDECAR):
             if os.path.exists(path):
                 os.unlink(path)
 
@@ -147,7 +142,7 @@ def main() -> int:
         names = {size: f"origin-{size // GiB}G" for size in sizes}
         served = [(sparse_file(os.path.join(base, f"{names[size]}.img"), size), names[size])
                   for size in sizes]
-        with serving(os.path.join(base, "run"), served) as d:
+        with daemon(os.path.join(base, "run"), served, verbose=False) as d:
             rows = [measure(d, base, (names[size], size), n, rng) for size, n in ROWS]
     print_table(rows)
     target = next(r for r in rows if (r.origin_size, r.changed) == TARGET_ROW)

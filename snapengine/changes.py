@@ -1,9 +1,10 @@
 """Reading the changed-block list out of a COW file, and checking a whole index.
 
-A block is changed when its index entry is not (0, 0) (cowfile's design notes). The
-index is read through SEEK_DATA/SEEK_HOLE, so the cost follows the number of index
-pages ever written, not the origin size. One pass checks every entry, counts them,
-finds the highest slot named and merges the changed blocks into extents.
+A block is changed when its index entry says so (entry.py: ``(s, c)`` or ``(MARK, c)``;
+an AHEAD entry is saved, not changed). The index is read through SEEK_DATA/SEEK_HOLE,
+so the cost follows the number of index pages ever written, not the origin size. One
+pass checks every entry, counts the changed blocks, finds the highest slot named and
+merges the changed blocks into extents.
 """
 
 from __future__ import annotations
@@ -13,18 +14,10 @@ from array import array
 from dataclasses import dataclass
 from typing import Iterator
 
-from .cowfile import (
-    FLAG_FAILED,
-    INDEX_OFFSET,
-    MARK,
-    PAGE_BLOCKS,
-    PAGE_SIZE,
-    SLOT_MASK,
-    CowFile,
-    Header,
-)
+from .cowfile import FLAG_FAILED, INDEX_OFFSET, PAGE_BLOCKS, PAGE_SIZE, CowFile, Header
+from .entry import bit_runs, top_slot
 from .errors import SnapError
-from .index import IndexPage, bit_runs
+from .index import IndexPage
 from .units import BLOCK_SIZE, nr_blocks
 
 READ_CHUNK = 1 << 20  # bytes of index read at once
@@ -74,7 +67,7 @@ def scan(cow: CowFile, nr_slots: int | None = None) -> Scan:
     extents = array("Q")
     for page in index_pages(cow, nr_slots):
         count += page.count()
-        top = max([top, *(s & SLOT_MASK for s in page.entries[0::2] if s != MARK)])
+        top = max(top, top_slot(page.entries))
         base = page.number * PAGE_BLOCKS
         for start, length in bit_runs(page.changed):
             if extents and extents[-2] + extents[-1] == base + start:

@@ -14,26 +14,25 @@ import sys
 from typing import Any, Callable, NoReturn
 
 from . import __version__, changes
+from .arguments import DEFAULT_CACHE_MB, DEFAULT_FALLOCATE_PERCENT, EXPORT_PREFIX
 from .control import request
 from .errors import SnapError
+from .rundir import DEFAULT_RUN_DIR, NBD_SOCKET, RUN_DIR_ENV, RunDir, default_run_dir
 from .units import BLOCK_SIZE
 
-DEFAULT_RUN_DIR = "/run/elastio-snap"
-CTL_SOCKET = "ctl.sock"
-
-DESCRIPTION = """\
+DESCRIPTION = f"""\
 Control the snapengine daemon: point-in-time snapshots of the block devices (origins)
 it serves over NBD, and tracking of the blocks changed between snapshots.
 
-A snapshot of minor N is served read-only as the NBD export "elastio-snapN" on the
-daemon's socket (DIR/nbd.sock). Sizes (-c, -f) are in MB. Exit status is 0 on
+A snapshot of minor N is served read-only as the NBD export "{EXPORT_PREFIX}N" on the
+daemon's socket (DIR/{NBD_SOCKET}). Sizes (-c, -f) are in MB. Exit status is 0 on
 success, else the errno of the failure.
 """
 
-EPILOG = """\
+EPILOG = f"""\
 backup cycle:
-  elioctl setup-snapshot /srv/disk0.img /var/backup/cow1 4   # state 3, export elastio-snap4
-  nbdcopy 'nbd+unix:///elastio-snap4?socket=/run/elastio-snap/nbd.sock' full.img
+  elioctl setup-snapshot /srv/disk0.img /var/backup/cow1 4   # state 3, export {EXPORT_PREFIX}4
+  nbdcopy '{RunDir(DEFAULT_RUN_DIR).nbd_uri(f"{EXPORT_PREFIX}4")}' full.img
   elioctl transition-to-incremental 4                        # state 2: only changes kept
   elioctl transition-to-snapshot /var/backup/cow2 4          # state 3, seq_id + 1
   update-img 4 /var/backup/cow1 full.img                     # copy just what changed
@@ -60,67 +59,75 @@ class Parser(argparse.ArgumentParser):
 def build_parser() -> Parser:
     parser = Parser(prog="elioctl", description=DESCRIPTION, epilog=EPILOG,
                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run-dir", default=os.environ.get("ELIO_RUN_DIR", DEFAULT_RUN_DIR),
-                        help="the daemon's run directory (env ELIO_RUN_DIR, default %(default)s)")
+    parser.add_argument("--run-dir", default=default_run_dir(),
+                        help=f"the daemon's run directory (env {RUN_DIR_ENV}, "
+                        "default %(default)s)")
     parser.add_argument("--version", action="version", version=f"snapengine {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="<sub-command>", parser_class=Parser)
-
-    def command(name: str, func: Callable, help: str) -> Parser:
-        p = sub.add_parser(name, help=help, description=help)
-        p.set_defaults(func=func)
-        return p
-
-    def cache(p: Parser) -> None:
-        p.add_argument("-c", dest="cache_mb", metavar="<cache MB>",
-                       help="index cache limit in MB (default 300)")
-
-    def fallocate(p: Parser) -> None:
-        p.add_argument("-f", dest="fallocate_mb", metavar="<fallocate MB>",
-                       help="hard limit on COW data in MB (default: 10%% of the origin)")
-
-    p = command("setup-snapshot", setup_snapshot,
-                "take a snapshot of <block device>, saving old data to a new <cow file>")
-    cache(p)
-    fallocate(p)
-    p.add_argument("block_device", metavar="<block device>", help="an origin's path or name")
-    p.add_argument("cow_file", metavar="<cow file>", help="new file, outside every origin")
-    p.add_argument("minor", metavar="<minor>")
-    for mode in ("snapshot", "incremental"):
-        p = command(f"reload-{mode}", reload,
-                    f"bring back a minor left in {mode} mode (after the registry was lost); "
-                    "its COW file is checked when the origin's first client connects")
-        cache(p)
-        p.add_argument("block_device", metavar="<block device>")
-        p.add_argument("cow_file", metavar="<cow file>")
-        p.add_argument("minor", metavar="<minor>")
-    p = command("transition-to-incremental", transition_to_incremental,
-                "drop the snapshot, keep tracking which blocks change (state 2)")
-    p.add_argument("minor", metavar="<minor>")
-    p = command("transition-to-snapshot", transition_to_snapshot,
-                "take the next snapshot into a new <cow file>; the old one keeps the list "
-                "of blocks changed between the two snapshots")
-    fallocate(p)
-    p.add_argument("cow_file", metavar="<cow file>")
-    p.add_argument("minor", metavar="<minor>")
-    p = command("destroy", destroy, "stop tracking, remove the snapshot, unlink the COW file")
-    p.add_argument("minor", metavar="<minor>")
-    p = command("reconfigure", reconfigure, "change the index cache limit of a minor, live")
-    cache(p)
-    p.add_argument("minor", metavar="<minor>")
-    p = command("changed-blocks", changed_blocks,
-                "list the blocks changed between a closed COW file's snapshot and the next, "
-                "as merged extents 'OFFSET LENGTH' in bytes (no daemon needed)")
-    p.add_argument("--json", action="store_true", help="print JSON instead")
-    p.add_argument("cow_file", metavar="<cow file>")
-    p = command("info", info, "print the state of every minor (or one) as JSON")
-    p.add_argument("minor", metavar="<minor>", nargs="?")
-    command("get-free-minor", get_free_minor, "print the lowest minor not in use")
-    command("help", show_help, "show this help")
+    _tracking_commands(sub)
+    _other_commands(sub)
     return parser
 
 
+def _command(sub, name: str, func: Callable, help: str, *args: str) -> Parser:
+    """A sub-command whose positional ``args`` are named from ``ARGUMENTS``."""
+    p = sub.add_parser(name, help=help, description=help)
+    p.set_defaults(func=func)
+    for arg in args:
+        flags, kwargs = ARGUMENTS[arg]
+        p.add_argument(*flags, **kwargs)
+    return p
+
+
+ARGUMENTS: dict[str, tuple[tuple[str, ...], dict]] = {
+    "cache": (("-c",), dict(dest="cache_mb", metavar="<cache MB>",
+                            help=f"index cache limit in MB (default {DEFAULT_CACHE_MB})")),
+    "fallocate": (("-f",), dict(dest="fallocate_mb", metavar="<fallocate MB>",
+                                help="hard limit on COW data in MB (default: "
+                                f"{DEFAULT_FALLOCATE_PERCENT}%% of the origin)")),
+    "block_device": (("block_device",), dict(metavar="<block device>",
+                                             help="an origin's path or name")),
+    "cow_file": (("cow_file",), dict(metavar="<cow file>")),
+    "new_cow_file": (("cow_file",), dict(metavar="<cow file>",
+                                         help="new file, outside every origin")),
+    "minor": (("minor",), dict(metavar="<minor>")),
+}
+
+
+def _tracking_commands(sub) -> None:
+    _command(sub, "setup-snapshot", setup_snapshot,
+             "take a snapshot of <block device>, saving old data to a new <cow file>",
+             "cache", "fallocate", "block_device", "new_cow_file", "minor")
+    for mode in ("snapshot", "incremental"):
+        _command(sub, f"reload-{mode}", reload,
+                 f"bring back a minor left in {mode} mode (after the registry was lost); "
+                 "its COW file is checked when the origin's first client connects",
+                 "cache", "block_device", "cow_file", "minor")
+    _command(sub, "transition-to-incremental", transition_to_incremental,
+             "drop the snapshot, keep tracking which blocks change (state 2)", "minor")
+    _command(sub, "transition-to-snapshot", transition_to_snapshot,
+             "take the next snapshot into a new <cow file>; the old one keeps the list "
+             "of blocks changed between the two snapshots", "fallocate", "cow_file", "minor")
+    _command(sub, "destroy", destroy, "stop tracking, remove the snapshot, unlink the COW "
+             "file (only one the daemon created or verified)", "minor")
+    _command(sub, "reconfigure", reconfigure, "change the index cache limit of a minor, live",
+             "cache", "minor")
+
+
+def _other_commands(sub) -> None:
+    p = _command(sub, "changed-blocks", changed_blocks,
+                 "list the blocks changed between a closed COW file's snapshot and the next, "
+                 "as merged extents 'OFFSET LENGTH' in bytes (no daemon needed)")
+    p.add_argument("--json", action="store_true", help="print JSON instead")
+    p.add_argument("cow_file", metavar="<cow file>")
+    p = _command(sub, "info", info, "print the state of every minor (or one) as JSON")
+    p.add_argument("minor", metavar="<minor>", nargs="?")
+    _command(sub, "get-free-minor", get_free_minor, "print the lowest minor not in use")
+    _command(sub, "help", show_help, "show this help")
+
+
 def _socket(args: argparse.Namespace) -> str:
-    return os.path.join(args.run_dir, CTL_SOCKET)
+    return RunDir(args.run_dir).ctl_socket
 
 
 def _path(name: str) -> str:

@@ -14,25 +14,18 @@ Layout (docs/cow-format.md is the contract, byte by byte)::
 
 The index is dense so that finding a block's entry is arithmetic (no search, no
 tree to rebalance, no O(origin) set-up: an untouched index page is a hole that
-reads as zeroes). An entry is ``(slot, checksum)``:
+reads as zeroes). An entry is ``(slot, checksum)`` (ENTRY); the slot field is a
+slot number (SLOT_MASK), the AHEAD flag, or the MARK value. What an entry means
+(saved, changed, ahead), how it is checked and how it changes is entry.py's, the
+only module that interprets one.
 
-    (0, 0)        the block has not changed since the snapshot point
-    (s, c)        changed; its old content is slot s (1-based), c = block checksum
-    (s|AHEAD, c)  not changed, but its old content is saved in slot s: copied ahead
-                  with the 64 KiB cluster of a block that did change
-    (MARK, c)     changed in incremental mode; no data kept, c = mark checksum
+Every entry validates itself, and together with the per-block data checksum this
+turns any single flipped byte in the index or the data into a detected error.
+Checksums are xxh3-64, seeded with the chain's uuid and the block number (data,
+marks) or a role constant (header), so data saved for another block, or by another
+backup chain, never verifies.
 
-In an incremental (index-only) file the data area has been released; ``(s, c)``
-entries left from the snapshot phase still mean "changed".
-
-Every entry validates itself: slot and checksum are both zero or both non-zero, a
-slot is at most ``nr_slots``, a mark carries the checksum of its block number.
-Together with the per-block data checksum this turns any single flipped byte in
-the index or the data into a detected error. Checksums are xxh3-64, seeded with
-the chain's uuid and the block number (data, marks) or a role constant (header),
-so data saved for another block, or by another backup chain, never verifies.
-
-Why each write is safe is the engine's business (engine.py); this module only
+Why each write is safe is the business of tracker.py and transitions.py; this module only
 promises that a header write is one pwrite of less than one sector followed by
 fsync, so it is never torn.
 """
@@ -96,6 +89,7 @@ assert ENTRY.size == 16
 ENTRY_SIZE = ENTRY.size
 PAGE_BLOCKS = 256  # entries per index page: one page covers 1 MiB of origin
 PAGE_SIZE = PAGE_BLOCKS * ENTRY_SIZE  # 4096 bytes
+# The slot field's bits (their meaning: entry.py, which re-exports them for everyone)
 MARK = 0xFFFF_FFFF_FFFF_FFFF  # slot value of a change recorded without data
 AHEAD = 1 << 62  # slot flag: saved ahead with its cluster, not changed (yet)
 SLOT_MASK = AHEAD - 1  # the slot number in a slot field

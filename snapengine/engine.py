@@ -1,4 +1,4 @@
-"""The engine: origins, minors, exports, and every control operation on them.
+"""The engine: the table of origins and minors, its lock, and its persistence.
 
 Design notes
 ------------
@@ -7,15 +7,12 @@ Design notes
   read through ``SnapshotTracker.read``. The engine is not on that path.
 * Control path: one lock (``_lock``) serializes control operations, client attach
   and detach, and the info file. The data path never takes it: a tracker that fails
-  records the failure in its own COW header and sets ``dirty``; the info refresher
+  records it in the minor's ``Health``, which sets ``dirty``; the info refresher
   publishes it within a second.
-* A control operation that changes what writes do (setup, both transitions, destroy)
-  swaps ``origin.tracker`` with the origin's write gate closed, so every write lands
-  wholly before or wholly after the switch.
-* A sub-command that fails changes nothing: the new COW file, if one was created, is
-  unlinked; trackers and minors are only installed once everything else succeeded.
-* Every header write happens with the gate closed or with no client, except the one
-  recording a failure (cowfile serializes header writes).
+* Every control operation checks its arguments here (arguments.py), asks
+  lifecycle.py whether the minor's state allows it, and runs one transition
+  (transitions.py): prepare, persist, commit, or every step undone. A sub-command
+  that fails changes nothing.
 """
 
 from __future__ import annotations
@@ -26,6 +23,7 @@ import logging
 import os
 import threading
 import uuid as uuidlib
+from dataclasses import replace
 from typing import Any
 
 from . import __version__
@@ -33,31 +31,38 @@ from .arguments import (
     DEFAULT_CACHE_MB,
     DEFAULT_FALLOCATE_PERCENT,
     DEFAULT_MAX_MINORS,
+    EXPORT_PREFIX,
     check_origin_names,
     check_settings,
-    file_identity,
     find_origin,
     megabytes,
     minor_number,
     new_cow_path,
     reload_cow_path,
 )
-from .cowfile import FLAG_DURABLE, CowFile, Header, boot_id
+from .cowfile import FLAG_DURABLE, Header, boot_id
 from .errors import SnapError
 from .exports import FailedSnapshotExport, OriginExport, SnapshotExport
-from .fileio import FileIO
+from .fileio import FileIO, atomic_write
 from .health import Health
-from .minor import EXPORT_PREFIX, INCREMENTAL, SNAPSHOT, Minor
+from .lifecycle import DESTROY, RECONFIGURE, TO_INCREMENTAL, TO_SNAPSHOT, require
+from .minor import ACTIVE, DORMANT, INCREMENTAL, SNAPSHOT, UNVERIFIED, Minor
 from .origin import AbsentOrigin, Origin, open_exclusive
-from .recovery import open_verified
 from .registry import Registry
 from .rundir import RunDir
 from .stacking import carrying_origin
-from .tracker import CowTracker, IncrementalTracker, SnapshotTracker
+from .transitions import (
+    Clients,
+    Destroy,
+    Install,
+    Reconfigure,
+    Resume,
+    ToIncremental,
+    chain_file,
+)
 from .units import MB, MiB
 
 log = logging.getLogger(__name__)
-
 
 
 class Engine:
@@ -69,16 +74,16 @@ class Engine:
                  durable: bool = False, opener=FileIO.open) -> None:
         check_settings(max_minors, cache_default_mb, fallocate_percent)
         self.run_dir = run_dir
+        self.layout = RunDir(run_dir)
         self.max_minors = max_minors
         self.cache_default = cache_default_mb * MB
         self.fallocate_percent = fallocate_percent
         self.durable = durable  # snapshots survive power cuts (FLAG_DURABLE)
-        self.opener = opener
+        self.opener = opener  # every file the engine writes is opened through it
         self.origin_specs = origins
         self.origins: dict[str, Origin] = {}
         self.minors: dict[int, Minor] = {}
-        self.layout = RunDir(run_dir)
-        self.registry = Registry(self.layout.registry)
+        self.registry = Registry(self.layout.registry, opener)
         self.info_path = self.layout.info
         self.dirty = threading.Event()  # info is stale (set from the data path)
         self.stopped = False  # shutdown() ran: no more tracking, no more writes
@@ -116,9 +121,9 @@ class Engine:
                 return
             self.stopped = True
             for origin in self.origins.values():
-                origin.gate.shut()
+                origin.gate.shut()  # no write is in flight from now on
             for m in self.minors.values():
-                self._close_tracker(m, m.tracker)
+                self._close_tracker(m)
             log.info("tracking stopped: every COW file closed cleanly")
 
     def close(self) -> None:
@@ -134,17 +139,13 @@ class Engine:
             except FileNotFoundError:
                 pass
 
-    def _close_tracker(self, m: Minor, tracker: CowTracker | None) -> None:
-        """Take ``tracker`` off the origin, close its COW file cleanly, keep the errors."""
+    @staticmethod
+    def _close_tracker(m: Minor) -> None:
+        """Take ``m``'s tracker off its origin, close its COW file cleanly."""
+        tracker = m.tracker
         if tracker is None:
             return
-        origin = m.origin
-        if self.stopped:  # the gate is shut for good: no write is in flight
-            origin.tracker = None
-        else:
-            with origin.gate.closed():
-                if origin.tracker is tracker:
-                    origin.tracker = None
+        m.origin.tracker = None
         tracker.quiesce()
         try:
             tracker.checkpoint(clean=True)
@@ -152,7 +153,7 @@ class Engine:
             log.error("minor %d: cannot close %s cleanly: %s", m.number, tracker.cow.path, e)
         tracker.cow.close()
 
-    # -- exports --------------------------------------------------------------------
+    # -- exports and clients ------------------------------------------------------------
     def export_list(self) -> list[tuple[str, str]]:
         with self._lock:
             out = [(o.name, f"origin {o.path}") for o in self.origins.values()]
@@ -161,7 +162,7 @@ class Engine:
                     out.append((m.export_name, f"snapshot of {m.origin.path} (minor {m.number})"))
             return out
 
-    def open_export(self, name: str, readonly: bool) -> OriginExport | SnapshotExport:
+    def open_export(self, name: str, readonly: bool):
         with self._lock:
             if self.stopped:
                 raise SnapError(errno.ESHUTDOWN, "the daemon is shutting down")
@@ -184,70 +185,39 @@ class Engine:
         return self.minors.get(int(digits))
 
     def attach(self, origin: Origin) -> None:
-        """A client connected to ``origin``: a dormant minor becomes active."""
+        """A client connected to ``origin``: a dormant minor becomes active, a reloaded
+        one is checked (and becomes active, or fails)."""
         with self._lock:
             origin.clients += 1
             m = self._minor_of(origin)
-            if m is None or m.active or (m.error and m.tracker is None):
+            if m is None or m.phase == ACTIVE or (m.error and m.tracker is None):
                 return
-            if not m.verified:
-                self._verify_reloaded(m)
-            elif m.tracker is not None and not m.error:
-                with origin.gate.closed():
-                    self._checkpoint(m.tracker, clean=False)
-            m.active = True
+            if m.phase == UNVERIFIED:
+                self._verify(m)
+            else:
+                Clients(m, active=True).run()
             log.info("minor %d: active (state %d)", m.number, m.state)
             self.publish()
 
-    def _verify_reloaded(self, m: Minor) -> None:
-        """The origin of a reloaded minor came online: check its COW file now."""
+    def _verify(self, m: Minor) -> None:
         try:
-            tracker = self._resume(m)
+            Resume(m, self.minors, self._save, self.opener).run()
         except SnapError as e:
-            self._fault(m, e)
+            self._fail(m, e)
             return
-        self._checkpoint(tracker, clean=False)
-        try:
-            self._save_registry(self.minors)
-        except OSError as e:  # the minor works; a restart will need reload-* again
-            log.error("minor %d: cannot save the registry: %s", m.number, e)
-        m.active = True
-        log.info("minor %d: %s verified (state %d)", m.number, m.cow_path, m.state)
-        self.publish()
+        log.info("minor %d: %s verified", m.number, m.cow_path)
 
     def detach(self, origin: Origin) -> None:
         """A client left ``origin``: after the last one the minor goes dormant."""
         with self._lock:
             origin.clients -= 1
             m = self._minor_of(origin)
-            if origin.clients or m is None or not m.active or not m.verified or self.stopped:
+            if origin.clients or m is None or m.phase != ACTIVE or self.stopped:
                 return
-            if m.tracker is not None and not m.error:
-                with origin.gate.closed():
-                    self._checkpoint(m.tracker, clean=True)
-            m.active = False
+            Clients(m, active=False).run()
             log.info("minor %d: dormant (state %d), %s closed cleanly", m.number, m.state,
                      m.cow_path)
             self.publish()
-
-    @staticmethod
-    def _close_list(tracker: CowTracker) -> None:
-        """Close a change list cleanly (every mark written, synced, CLEAN), or fail it."""
-        try:
-            tracker.checkpoint(clean=True)
-        except OSError as e:
-            tracker.fail(e)
-            raise SnapError(e.errno or errno.EIO, f"cannot close {tracker.cow.path} cleanly: "
-                            f"{e.strerror or e}; its list is failed")
-
-    @staticmethod
-    def _checkpoint(tracker: CowTracker, clean: bool) -> None:
-        """Mark a COW file clean or dirty; if it cannot be written, the minor fails (the
-        client's connection, and the origin, are not its business)."""
-        try:
-            tracker.checkpoint(clean)
-        except OSError as e:
-            tracker.fail(e)
 
     def _minor_of(self, origin: Origin) -> Minor | None:
         return self.minors.get(origin.minor) if origin.minor is not None else None
@@ -264,8 +234,9 @@ class Engine:
             fallocate = self._fallocate_bytes(fallocate_mb, origin)
             header = Header(origin.size, uuidlib.uuid4().bytes, 1, fallocate,
                             flags=self._new_flags(), boot_id=boot_id())
-            m = Minor(n, origin, path, SNAPSHOT, cache, fallocate, health=Health(self.dirty.set))
-            self._install(m, SnapshotTracker, self._create_cow(path, header))
+            m = Minor(n, origin, path, SNAPSHOT, cache, fallocate, health=self._health())
+            Install(m, self.minors, self._save, self.opener, header).run()
+            self.publish()
             log.info("minor %d: snapshot of %s set up, COW file %s, limit %d bytes",
                      n, origin.path, path, fallocate)
 
@@ -287,73 +258,41 @@ class Engine:
             path = self._placed(reload_cow_path(
                 self.origins.values(),
                 [(o.number, o.cow_path, o.owned) for o in self.minors.values()], cow_file))
-            m = Minor(n, origin, path, mode, cache, verified=False, active=False,
-                      health=Health(self.dirty.set))
-            self._save_registry({**self.minors, n: m})
-            origin.minor = n
-            self.minors[n] = m
+            m = Minor(n, origin, path, mode, cache, phase=UNVERIFIED, health=self._health())
+            Install(m, self.minors, self._save, self.opener).run()
             log.info("minor %d: reload of %s (%s mode) for %s", n, path, mode, origin.path)
             if origin.clients:  # already online: check it now
-                self._verify_reloaded(m)
+                self._verify(m)
             self.publish()
 
     def transition_to_incremental(self, minor: Any) -> None:
         n = self._minor_number(minor)
         with self._lock:
             m = self._get(n)
-            if m.mode == INCREMENTAL:
-                raise SnapError(errno.EINVAL, f"minor {n} is already in incremental mode")
-            m.require_healthy("transition-to-incremental")
-            old = m.tracker
-            assert isinstance(old, SnapshotTracker)
-            origin = m.origin
-            m.mode = INCREMENTAL
-            try:
-                self._save_registry(self.minors)
-            except BaseException:
-                m.mode = SNAPSHOT
-                raise
-            with origin.gate.closed():
-                old.quiesce()
-                try:
-                    old.become_incremental(clean=not m.active)
-                except OSError as e:  # the COW file cannot be written: the minor fails
-                    old.fail(e)
-                    m.mode = SNAPSHOT
-                    self._save_registry(self.minors)
-                    raise
-                new = IncrementalTracker(old.cow, origin.io, m.max_cache, m.health)
-                origin.tracker = m.tracker = new
+            require(TO_INCREMENTAL, m)
+            ToIncremental(m, self.minors, self._save).run()
             self.publish()
             log.info("minor %d: incremental (state %d), %d blocks changed so far, data of "
-                     "%s released", n, m.state, new.nr_changed, m.cow_path)
+                     "%s released", n, m.state, m.tracker.nr_changed if m.tracker else 0,
+                     m.cow_path)
 
     def transition_to_snapshot(self, cow_file: str, minor: Any, fallocate_mb: Any = None) -> None:
         n = self._minor_number(minor)
         with self._lock:
-            m = self._get(n)
-            if m.mode != INCREMENTAL:
-                raise SnapError(errno.EINVAL, f"minor {n} is not in incremental mode")
-            m.require_healthy("transition-to-snapshot")
+            old = self._get(n)
+            require(TO_SNAPSHOT, old)
             path = self._placed(new_cow_path(self.origins.values(), cow_file))
-            old = m.tracker
-            assert old is not None
-            fallocate = self._fallocate_bytes(fallocate_mb, m.origin)
-            h = old.cow.header
+            assert old.tracker is not None
+            fallocate = self._fallocate_bytes(fallocate_mb, old.origin)
+            h = old.tracker.cow.header
             header = Header(h.origin_size, h.uuid, h.seq_id + 1, fallocate,
                             flags=self._new_flags(), boot_id=boot_id())
-            cow = self._create_cow(path, header)
-            old_path = m.cow_path
-            m.cow_path, m.fallocate, m.mode = path, fallocate, SNAPSHOT
-            try:
-                self._install(m, SnapshotTracker, cow, replacing=old)
-            except BaseException:
-                m.cow_path, m.mode = old_path, INCREMENTAL
-                raise
-            old.quiesce()
-            old.cow.close()
+            m = replace(old, cow_path=path, mode=SNAPSHOT, fallocate=fallocate, tracker=None,
+                        owned=None)
+            Install(m, self.minors, self._save, self.opener, header).run()
+            self.publish()
             log.info("minor %d: snapshot seq_id %d in %s; %s closed with %d changed blocks",
-                     n, header.seq_id, path, old_path, old.nr_changed)
+                     n, header.seq_id, path, old.cow_path, old.tracker.nr_changed)
 
     def destroy(self, minor: Any) -> str | None:
         """Stop tracking and forget minor ``minor``; unlink its COW file only if the
@@ -362,45 +301,21 @@ class Engine:
         n = self._minor_number(minor)
         with self._lock:
             m = self._get(n)
-            self._save_registry({k: v for k, v in self.minors.items() if k != n})
-            if m.tracker is not None:
-                with m.origin.gate.closed():
-                    if m.origin.tracker is m.tracker:
-                        m.origin.tracker = None
-                m.tracker.quiesce()
-                m.tracker.cow.close()
-            m.origin.minor = None
-            del self.minors[n]
+            require(DESTROY, m)
+            t = Destroy(m, self.minors, self._save)
+            t.run()
             self.publish()
-            note = self._remove_cow(m)
+            note = t.remove_cow()
             log.info("minor %d: destroyed; %s", n, note or f"{m.cow_path} removed")
             return note
-
-    @staticmethod
-    def _remove_cow(m: Minor) -> str | None:
-        """Unlink ``m``'s COW file if it is still the file the daemon owned; else say why not."""
-        identity = file_identity(m.cow_path)
-        if identity is None:
-            return f"{m.cow_path} was not there; nothing removed"
-        if m.owned is None or identity != m.owned:
-            return (f"{m.cow_path} left in place: the daemon neither created it nor "
-                    "verified it as this minor's COW file")
-        try:
-            os.unlink(m.cow_path)
-        except OSError as e:
-            log.warning("minor %d: cannot unlink %s: %s", m.number, m.cow_path, e)
-            return f"cannot remove {m.cow_path}: {e.strerror}"
-        return None
 
     def reconfigure(self, minor: Any, cache_mb: Any = None) -> None:
         n = self._minor_number(minor)
         cache = self._cache_bytes(cache_mb)
         with self._lock:
             m = self._get(n)
-            m.max_cache = cache
-            if m.tracker is not None:
-                m.tracker.resize_cache(cache)
-            self._save_registry(self.minors)
+            require(RECONFIGURE, m)
+            Reconfigure(m, self.minors, self._save, cache).run()
             self.publish()
             log.info("minor %d: index cache limit now %d bytes", n, cache)
 
@@ -419,64 +334,7 @@ class Engine:
                     return n
             raise SnapError(errno.ENOENT, f"all {self.max_minors} minors are in use")
 
-    # -- helpers of the control operations -------------------------------------------------
-    def _install(self, m: Minor, kind: type[CowTracker], cow: CowFile,
-                 replacing: CowTracker | None = None) -> None:
-        """Put a new tracker on ``m``'s origin, replacing ``replacing``, whose COW file is
-        closed cleanly at the very instant of the switch (its change list then holds
-        exactly the writes before it).
-
-        Everything that can fail happens before the switch, with the origin's writes
-        held back, and is undone on failure (the new COW file removed, the old one
-        reopened); from the switch on, writes go to the new tracker and nothing is undone."""
-        closed = False
-        try:
-            tracker = kind(cow, m.origin.io, m.max_cache, m.health)
-            if not m.active:
-                tracker.checkpoint(clean=True)
-            with m.origin.gate.closed():
-                if replacing is not None:
-                    self._close_list(replacing)
-                    closed = True
-                m.tracker = tracker
-                self._save_registry({**self.minors, m.number: m})
-                m.origin.tracker = tracker
-        except BaseException:
-            m.tracker = replacing
-            if closed and m.active and replacing is not None:  # tracking goes on: dirty again
-                self._checkpoint(replacing, clean=False)
-            cow.close()
-            os.unlink(cow.path)
-            raise
-        m.owned = cow.io.identity()
-        m.origin.minor = m.number
-        self.minors[m.number] = m
-        self.publish()
-
-    def _new_flags(self) -> int:
-        return FLAG_DURABLE if self.durable else 0
-
-    def _create_cow(self, path: str, header: Header) -> CowFile:
-        try:
-            return CowFile.create(path, header, self.opener)
-        except FileExistsError:
-            raise SnapError(errno.EEXIST, f"{path} already exists; a COW file is never overwritten")
-        except OSError as e:
-            if isinstance(e, SnapError):
-                raise
-            raise SnapError(e.errno or errno.EIO, f"cannot create COW file {path}: {e.strerror}")
-
-    def _placed(self, path: str) -> str:
-        """``path``, unless its file system is carried by one of our origins (EINVAL):
-        every COW write would go through this daemon's own disk and wait for itself."""
-        found = carrying_origin(os.path.dirname(path), [o.path for o in self.origins.values()],
-                                list(self.origins), self.layout.nbd_socket)
-        if found:
-            raise SnapError(errno.EINVAL, f"COW file {path} is on a file system carried by "
-                            f"{found}: its writes would go through this daemon's own disk; "
-                            "put COW files on storage that no origin carries")
-        return path
-
+    # -- argument checks ------------------------------------------------------------------
     def _minor_number(self, minor: Any) -> int:
         """Check a minor argument (every control operation starts here)."""
         if self.stopped:
@@ -494,6 +352,17 @@ class Engine:
                             f"by minor {origin.minor}")
         return origin
 
+    def _placed(self, path: str) -> str:
+        """``path``, unless its file system is carried by one of our origins (EINVAL):
+        every COW write would go through this daemon's own disk and wait for itself."""
+        found = carrying_origin(os.path.dirname(path), [o.path for o in self.origins.values()],
+                                list(self.origins), self.layout.nbd_socket)
+        if found:
+            raise SnapError(errno.EINVAL, f"COW file {path} is on a file system carried by "
+                            f"{found}: its writes would go through this daemon's own disk; "
+                            "put COW files on storage that no origin carries")
+        return path
+
     def _get(self, n: int) -> Minor:
         m = self.minors.get(n)
         if m is None:
@@ -510,6 +379,12 @@ class Engine:
             return mb * MB
         return max(MiB, int(origin.size * self.fallocate_percent / 100))
 
+    def _new_flags(self) -> int:
+        return FLAG_DURABLE if self.durable else 0
+
+    def _health(self) -> Health:
+        return Health(self.dirty.set)  # a failure on the data path refreshes info
+
     # -- persistence and info -----------------------------------------------------------
     def _restore(self, entry: dict) -> None:
         """Bring back a registered minor, dormant; a COW file that fails its checks
@@ -517,49 +392,24 @@ class Engine:
         n = entry["minor"]
         origin = self._origin_at(entry["origin"])
         m = Minor(n, origin, entry["cow_file"], entry["mode"], entry["max_cache"],
-                  entry["fallocate"], active=False, verified=entry["uuid"] is not None,
-                  health=Health(self.dirty.set),
-                  uuid=entry["uuid"], seq_id=entry["seq_id"])
+                  entry["fallocate"], phase=DORMANT if entry["uuid"] else UNVERIFIED,
+                  health=self._health(), uuid=entry["uuid"], seq_id=entry["seq_id"])
         origin.minor = n
         self.minors[n] = m
-        if not m.verified:
+        if m.phase == UNVERIFIED:
             log.info("minor %d: reloaded, %s is checked when %s gets its first client",
                      n, m.cow_path, origin.path)
             return
-        if isinstance(origin, AbsentOrigin):
-            self._fault_at_restart(m, SnapError(errno.ENODEV,
-                                                f"origin {origin.path} is not served"))
-            return
         try:
-            self._resume(m, restart=True, uuid=entry["uuid"], seq_id=entry["seq_id"])
+            if isinstance(origin, AbsentOrigin):
+                raise SnapError(errno.ENODEV, f"origin {origin.path} is not served")
+            Resume(m, self.minors, self._save, self.opener, restart=True).run()
             log.info("minor %d: resumed %s in %s mode (state %d)", n, m.cow_path, m.mode, m.state)
-        except SnapError as e:
-            self._fault_at_restart(m, e)
+        except SnapError as e:  # failed; its COW file stays ours (destroy may unlink it)
+            self._fail(m, e)  # only if it still is a file of the minor's chain
+            m.owned = chain_file(m.cow_path, m.uuid, self.opener)
 
-    def _resume(self, m: Minor, restart: bool = False, uuid: str | None = None,
-                seq_id: int | None = None) -> CowTracker:
-        """Open and prove ``m``'s COW file, then track the origin with it. On a restart
-        the file's own mode wins over the registry's (the registry is written first, so
-        it can be ahead of a transition that a crash interrupted)."""
-        cow = open_verified(m.cow_path, m.origin.size, None if restart else m.mode == INCREMENTAL,
-                            self.opener, uuid, seq_id, recover=restart)
-        m.mode = INCREMENTAL if cow.header.incremental else SNAPSHOT
-        kind = IncrementalTracker if m.mode == INCREMENTAL else SnapshotTracker
-        tracker = kind(cow, m.origin.io, m.max_cache, m.health)
-        m.fallocate = cow.header.fallocate
-        with m.origin.gate.closed():
-            m.origin.tracker = m.tracker = tracker
-        m.verified = True
-        m.owned = cow.io.identity()
-        return tracker
-
-    def _fault_at_restart(self, m: Minor, e: SnapError) -> None:
-        """A registered minor cannot resume: failed; its COW file stays ours (destroy
-        may unlink it) only if it still is a file of the minor's chain."""
-        self._fault(m, e)
-        m.owned = _chain_file(m.cow_path, m.uuid, self.opener)
-
-    def _fault(self, m: Minor, e: SnapError) -> None:
+    def _fail(self, m: Minor, e: SnapError) -> None:
         m.health.fail(e)
         log.error("minor %d: %s; the origin is served untracked", m.number, e)
 
@@ -569,17 +419,8 @@ class Engine:
                 return origin
         return AbsentOrigin(path)
 
-    def _save_registry(self, minors: dict[int, Minor]) -> None:
-        self.registry.save([self._registry_entry(minors[n]) for n in sorted(minors)])
-
-    @staticmethod
-    def _registry_entry(m: Minor) -> dict:
-        uuid, seq_id = m.uuid, m.seq_id  # as recorded, while the COW file is not open
-        if m.tracker is not None:
-            uuid, seq_id = m.tracker.cow.header.uuid.hex(), m.tracker.cow.header.seq_id
-        return {"minor": m.number, "origin": m.origin.path, "cow_file": m.cow_path,
-                "mode": m.mode, "max_cache": m.max_cache, "fallocate": m.fallocate,
-                "uuid": uuid, "seq_id": seq_id}
+    def _save(self, minors: dict[int, Minor]) -> None:
+        self.registry.save([minors[n].registry_entry() for n in sorted(minors)])
 
     def _info_doc(self) -> dict:
         return {"version": __version__,
@@ -592,22 +433,9 @@ class Engine:
             text = json.dumps(self._info_doc(), indent=4) + "\n"
             if text == self._published:
                 return
-            tmp = f"{self.info_path}.tmp"
             try:
-                with open(tmp, "w") as f:
-                    f.write(text)
-                os.rename(tmp, self.info_path)
+                atomic_write(self.info_path, text.encode(), self.opener, durable=False)
             except OSError as e:  # info is a view; the operation itself succeeded
                 log.error("cannot write %s: %s", self.info_path, e)
                 return
             self._published = text
-
-
-def _chain_file(path: str, uuid: str | None, opener) -> tuple[int, int] | None:
-    """The identity of ``path`` if it still is a COW file of chain ``uuid`` (a file the
-    daemon made, which failed its checks at a restart), else None."""
-    try:
-        with CowFile.open(path, opener, writable=False) as cow:
-            return cow.io.identity() if cow.header.uuid.hex() == uuid else None
-    except OSError:
-        return None

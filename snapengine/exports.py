@@ -3,11 +3,25 @@
 from __future__ import annotations
 
 import errno
+import json
 from typing import Callable
 
 from .errors import SnapError
 from .origin import Origin
 from .tracker import SnapshotTracker
+
+DESCRIPTION_KEY = "snapengine"  # an export's NBD description is a JSON object with this key
+DESCRIBES_ORIGIN = "origin"  # ... whose value says what the export is: an origin
+DESCRIBES_SNAPSHOT = "snapshot"  # ... or elastio-snapN (update-img reads uuid, seq_id)
+DESCRIPTION_TEXT_MAX = 512  # characters kept of a path or a reason: nbdkit sends no
+#   description over 4096 bytes (NBD's string limit), and JSON escapes a character in 6 at most
+
+
+def describe(kind: str, **fields) -> str:
+    """An export's NBD description: ``{"snapengine": kind, **fields}`` as ASCII JSON (other
+    characters escaped, so any path is valid UTF-8), under nbdkit's limit of 4096 bytes."""
+    cut = {k: v[:DESCRIPTION_TEXT_MAX] if isinstance(v, str) else v for k, v in fields.items()}
+    return json.dumps({DESCRIPTION_KEY: kind, **cut})
 
 
 class OriginExport:
@@ -20,7 +34,7 @@ class OriginExport:
         self.origin = origin
         self.size = origin.size
         self.writable = not readonly
-        self.description = f"snapengine origin {origin.path}"
+        self.description = describe(DESCRIBES_ORIGIN, path=origin.path)
         self.pread = origin.pread
         self.pwrite = origin.pwrite
         self.zero = origin.zero
@@ -59,8 +73,8 @@ class SnapshotExport(ReadOnlyExport):
         self.size = size
         self.pread = tracker.read
         h = tracker.cow.header  # update-img reads its identity from here
-        self.description = (f"snapengine snapshot: minor {minor}, uuid {h.uuid.hex()}, "
-                            f"seq_id {h.seq_id}")
+        self.description = describe(DESCRIBES_SNAPSHOT, minor=minor, uuid=h.uuid.hex(),
+                                    seq_id=h.seq_id)
 
 
 class FailedSnapshotExport(ReadOnlyExport):
@@ -70,7 +84,7 @@ class FailedSnapshotExport(ReadOnlyExport):
     def __init__(self, minor: int, size: int, reason: str) -> None:
         self.size = size
         self.reason = reason
-        self.description = f"snapengine snapshot: minor {minor}, failed"
+        self.description = describe(DESCRIBES_SNAPSHOT, minor=minor, failed=reason)
 
     def pread(self, buf, offset: int) -> None:
         raise SnapError(errno.EIO, f"the snapshot has failed: {self.reason}")

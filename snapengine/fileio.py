@@ -190,22 +190,29 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str, data: bytes) -> None:
-    """Replace ``path`` with ``data``: temp file, fsync, rename, fsync of the directory."""
+def atomic_write(path: str, data: bytes, opener=None, durable: bool = True) -> None:
+    """Replace ``path`` with ``data``: temp file, fsync, rename, fsync of the directory
+    (``durable``; without it, a view that may be lost at a power cut: no syncs). The
+    temp file is opened through ``opener`` (``FileIO.open`` by default): the engine's
+    seam, where tests inject faults."""
     tmp = f"{path}.tmp.{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    io = (opener or FileIO.open)(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    try:
+        try:
+            io.pwrite(data, 0)
+            if durable:
+                io.fsync()
+        finally:
+            io.close()
         os.rename(tmp, path)
     except BaseException:
-        os.unlink(tmp)
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
         raise
-    fsync_dir(path)
-
+    if durable:
+        fsync_dir(path)
 
 
 class GroupSync:

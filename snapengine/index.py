@@ -4,12 +4,13 @@ An ``IndexPage`` holds the 256 entries of one on-disk page (``entries``: slot an
 checksum interleaved, as on disk) and two 256-bit ints: ``saved`` (bit i: block i's
 old data is in the COW file) and ``changed`` (bit i: block i was written since the
 snapshot point). Checking a whole request against them is one int operation, which is
-what keeps the re-touch path cheap.
+what keeps the re-touch path cheap. What an entry means, and which bits it sets, is
+entry.py's business; so is the arithmetic that clips a block range to a page.
 
 ``Index`` caches pages in an LRU bounded by the minor's ``-c``. Saved entries are
 written through before the page changes in memory. Change marks are not: a page that
 holds marks not yet on disk is *dirty*, and is written back when evicted or at a clean
-point (the write-intent record covers them meanwhile, see tracker.py). An evicted
+point (the write-intent record covers them meanwhile, see intents.py). An evicted
 dirty page waits in ``_writeback`` until written, and a reload takes it from there,
 never from the stale disk. Write-backs are serialized and always write the page's
 latest content. A page that a write is about to change is pinned and stays cached.
@@ -17,35 +18,17 @@ latest content. A page that a write is about to change is pinned and stays cache
 
 from __future__ import annotations
 
-import errno
 import threading
 from array import array
-from itertools import compress
-from operator import or_
 
 from .cache import LRUCache
-from .cowfile import AHEAD, MARK, PAGE_BLOCKS, PAGE_SIZE, SLOT_MASK, CowFile, mark_checksums
-from .errors import SnapError
+from .cowfile import PAGE_BLOCKS, PAGE_SIZE, CowFile
+from .entry import bit_runs, classify, no_entries, span_bits, window
 
 PAGE_COST = 5632  # bytes one cached page costs in the daemon: entries, objects, malloc slack
 MIN_CACHE_PAGES = 1024  # floor of the cache (5.5 MiB): room for every page in flight
 _ZERO_PAGE = bytes(PAGE_SIZE)
-_EMPTY_ENTRIES = array("Q", [0]) * (2 * PAGE_BLOCKS)  # copied by slicing: no over-allocation
-
-
-def bit_runs(bits: int):
-    """Yield (start, length) of each run of set bits, lowest first."""
-    while bits:
-        start = (bits & -bits).bit_length() - 1
-        shifted = bits >> start
-        length = (~shifted & (shifted + 1)).bit_length() - 1
-        yield start, length
-        bits &= ~(((1 << length) - 1) << start)
-
-
-def span_bits(start: int, end: int) -> int:
-    """Bits start..end-1 set."""
-    return ((1 << (end - start)) - 1) << start
+_EMPTY_ENTRIES = no_entries(PAGE_BLOCKS)  # copied by slicing: no over-allocation
 
 
 class IndexPage:
@@ -62,30 +45,12 @@ class IndexPage:
 
     @classmethod
     def parse(cls, number: int, raw: bytes, nr_slots: int, seed: int, path: str) -> "IndexPage":
-        """Build a page from disk, checking every entry (see cowfile's design notes)."""
+        """Build a page from disk, checking every entry (entry.classify)."""
         entries = _EMPTY_ENTRIES[:]  # exactly PAGE_SIZE of storage
         if raw == _ZERO_PAGE:
             return cls(number, entries, 0, 0)
         memoryview(entries).cast("B")[:] = raw
-        slots, csums = entries[0::2], entries[1::2]
-        used = list(compress(range(PAGE_BLOCKS), map(or_, slots, csums)))  # C-level scan
-        first = number * PAGE_BLOCKS
-        marked = [i for i in used if slots[i] == MARK]
-        marks = dict(zip(marked, mark_checksums([first + i for i in marked], seed)))
-        saved = changed = 0
-        for i in used:
-            slot, csum = slots[i], csums[i]
-            if slot == MARK:
-                bad = csum != marks[i]
-            else:
-                bad = not csum or slot >> 63 or not 0 < slot & SLOT_MASK <= nr_slots
-                saved |= 1 << i
-            if bad:
-                raise SnapError(errno.EUCLEAN, f"{path}: corrupt index entry for block "
-                                f"{first + i} (slot {slot:#x}, checksum {csum:#x}; "
-                                f"{nr_slots} slots in use)")
-            if slot == MARK or not slot & AHEAD:
-                changed |= 1 << i
+        saved, changed = classify(entries, number * PAGE_BLOCKS, nr_slots, seed, path)
         return cls(number, entries, saved, changed)
 
     def count(self) -> int:
@@ -216,15 +181,13 @@ class Index:
         for page in pages:
             self.write_back(page)
 
-    # -- reading entries -------------------------------------------------------------
+    # -- reading entries (each page's part of a block range: entry.window) -----------
     @staticmethod
     def unsaved(pages: list[IndexPage], first: int, end: int) -> list[tuple[int, int]]:
         """Runs (block, count) in [first, end) whose old data is not saved."""
         runs: list[tuple[int, int]] = []
-        base = pages[0].number * PAGE_BLOCKS
         for page in pages:
-            lo = max(first - base, 0)
-            hi = min(end - base, PAGE_BLOCKS)
+            base, lo, hi = window(page.number, first, end)
             want = span_bits(lo, hi)
             missing = want & ~page.saved
             if missing == want and not runs:  # the usual first touch: one run
@@ -236,7 +199,6 @@ class Index:
                         runs[-1] = (runs[-1][0], runs[-1][1] + length)
                     else:
                         runs.append((block, length))
-            base += PAGE_BLOCKS
         return runs
 
     @staticmethod
@@ -244,8 +206,8 @@ class Index:
         """(page, bits) of the blocks in [first, end) not marked changed."""
         out = []
         for page in pages:
-            base = page.number * PAGE_BLOCKS
-            bits = span_bits(max(first - base, 0), min(end - base, PAGE_BLOCKS)) & ~page.changed
+            _, lo, hi = window(page.number, first, end)
+            bits = span_bits(lo, hi) & ~page.changed
             if bits:
                 out.append((page, bits))
         return out
@@ -253,25 +215,19 @@ class Index:
     @staticmethod
     def entries(pages: list[IndexPage], first: int, end: int) -> array:
         """Entries of blocks [first, end), interleaved slot/checksum."""
-        base = pages[0].number * PAGE_BLOCKS
-        if len(pages) == 1:
-            return pages[0].entries[2 * (first - base):2 * (end - base)]
-        out = array("Q")
-        for page in pages:
-            lo = max(first - base, 0)
-            hi = min(end - base, PAGE_BLOCKS)
+        _, lo, hi = window(pages[0].number, first, end)
+        out = pages[0].entries[2 * lo:2 * hi]
+        for page in pages[1:]:
+            _, lo, hi = window(page.number, first, end)
             out.extend(page.entries[2 * lo:2 * hi])
-            base += PAGE_BLOCKS
         return out
 
     @staticmethod
     def store(pages: list[IndexPage], block: int, entries: array) -> None:
         """Store entries (already on disk) for consecutive blocks from ``block``."""
-        n = len(entries) // 2
+        end = block + len(entries) // 2
         for page in pages:
-            base = page.number * PAGE_BLOCKS
-            lo = max(block - base, 0)
-            hi = min(block + n - base, PAGE_BLOCKS)
+            base, lo, hi = window(page.number, block, end)
             if lo < hi:
                 src = 2 * (base + lo - block)
                 page.entries[2 * lo:2 * hi] = entries[src:src + 2 * (hi - lo)]
@@ -282,9 +238,7 @@ class Index:
         """Blocks [block, block + n) are saved; those whose bit is set in ``changed``
         (bit 0 is ``block``) have changed too."""
         for page in pages:
-            base = page.number * PAGE_BLOCKS
-            lo = max(block - base, 0)
-            hi = min(block + n - base, PAGE_BLOCKS)
+            base, lo, hi = window(page.number, block, block + n)
             if lo < hi:
                 page.saved |= span_bits(lo, hi)
                 shift = base + lo - block  # the bit of page block ``lo`` in ``changed``

@@ -1,37 +1,45 @@
-"""The per-minor state machine: mode, activity, verification, failure; and its info.
+"""A minor: one snapshot or change list of one origin, and its state.
 
-States (the numbers of elastio-snap)::
+A minor's state is two facts, each held once:
 
-    0 dormant incremental      1 dormant snapshot
-    2 active incremental       3 active snapshot
-    4 unverified incremental   5 unverified snapshot
+* ``mode``: ``snapshot`` (old data saved, the image served as ``elastio-snapN``) or
+  ``incremental`` (only the record of changed blocks). The tracker's kind follows it;
+  the COW header's FLAG_INCREMENTAL is its persistent form, written by the transitions.
+* ``phase``: ``unverified`` after reload-* until the COW file has been checked (when
+  the origin's first NBD client connects); ``dormant`` while the origin has no client
+  (the COW file closed cleanly); ``active`` otherwise.
 
-A minor is *unverified* after reload-* until its COW file has been checked (when the
-origin's first NBD client connects); *dormant* while its origin has no client (the
-COW file is then closed cleanly); *active* otherwise. Failure is not a state: it is
-``error`` (a negative errno) on top of one, as in elastio-snap.
+They give elastio-snap's state numbers (``STATES``). Failure is not a state: it is
+``health.error`` (a negative errno) on top of one, as in elastio-snap. lifecycle.py
+says which operation may change what; transitions.py changes it.
 """
 
 from __future__ import annotations
 
-import errno
 from dataclasses import dataclass, field
 
 from .arguments import EXPORT_PREFIX
-from .errors import SnapError
 from .health import Health
 from .origin import Origin
-from .tracker import CowTracker, SnapshotTracker
+from .tracker import CowTracker, IncrementalTracker, SnapshotTracker
 
 SNAPSHOT = "snapshot"
 INCREMENTAL = "incremental"
+MODES = (SNAPSHOT, INCREMENTAL)
 
-STATE_DORMANT_INCREMENTAL = 0
-STATE_DORMANT_SNAPSHOT = 1
-STATE_ACTIVE_INCREMENTAL = 2
-STATE_ACTIVE_SNAPSHOT = 3
-STATE_UNVERIFIED_INCREMENTAL = 4
-STATE_UNVERIFIED_SNAPSHOT = 5
+UNVERIFIED = "unverified"
+DORMANT = "dormant"
+ACTIVE = "active"
+
+STATES = {  # (phase, mode) -> the state number of elastio-snap
+    (DORMANT, INCREMENTAL): 0, (DORMANT, SNAPSHOT): 1,
+    (ACTIVE, INCREMENTAL): 2, (ACTIVE, SNAPSHOT): 3,
+    (UNVERIFIED, INCREMENTAL): 4, (UNVERIFIED, SNAPSHOT): 5,
+}
+
+
+def tracker_kind(mode: str) -> type[CowTracker]:
+    return SnapshotTracker if mode == SNAPSHOT else IncrementalTracker
 
 
 @dataclass
@@ -42,9 +50,8 @@ class Minor:
     mode: str
     max_cache: int  # bytes
     fallocate: int = 0  # bytes; 0 until known (unverified)
+    phase: str = ACTIVE
     tracker: CowTracker | None = None
-    verified: bool = True
-    active: bool = True
     health: Health = field(default_factory=Health)  # the one record of failure
     uuid: str | None = None  # identity the registry recorded, checked on resume
     seq_id: int | None = None
@@ -53,12 +60,7 @@ class Minor:
 
     @property
     def state(self) -> int:
-        snapshot = self.mode == SNAPSHOT
-        if not self.verified:
-            return STATE_UNVERIFIED_SNAPSHOT if snapshot else STATE_UNVERIFIED_INCREMENTAL
-        if self.active:
-            return STATE_ACTIVE_SNAPSHOT if snapshot else STATE_ACTIVE_INCREMENTAL
-        return STATE_DORMANT_SNAPSHOT if snapshot else STATE_DORMANT_INCREMENTAL
+        return STATES[self.phase, self.mode]
 
     @property
     def error(self) -> int:
@@ -83,13 +85,18 @@ class Minor:
         """``elastio-snapN`` exists: a snapshot served, or one that failed (reads EIO)."""
         return self.snapshot is not None or (self.mode == SNAPSHOT and bool(self.error))
 
-    def require_healthy(self, what: str) -> None:
-        if not self.verified:
-            raise SnapError(errno.EINVAL, f"minor {self.number} is unverified (state "
-                            f"{self.state}): {what} needs its origin's first client")
-        if self.error:
-            raise SnapError(errno.EINVAL, f"minor {self.number} has failed "
-                            f"(error {self.error}: {self.why}); destroy it and set up again")
+    def identity(self) -> tuple[str | None, int | None]:
+        """(uuid, seq_id): the open COW file's, else as the registry recorded them."""
+        if self.tracker is not None:
+            h = self.tracker.cow.header
+            return h.uuid.hex(), h.seq_id
+        return self.uuid, self.seq_id
+
+    def registry_entry(self) -> dict:
+        uuid, seq_id = self.identity()
+        return {"minor": self.number, "origin": self.origin.path, "cow_file": self.cow_path,
+                "mode": self.mode, "max_cache": self.max_cache, "fallocate": self.fallocate,
+                "uuid": uuid, "seq_id": seq_id}
 
     def info(self) -> dict:
         """The device object of ``elioctl info``, keys in elastio-snap's order."""

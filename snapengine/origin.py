@@ -78,8 +78,10 @@ class WriteGate:
     @contextmanager
     def closed(self) -> Iterator[None]:
         with self._cond:
-            while self._closed:  # one swap at a time
+            while self._closed and not self._shut:  # one swap at a time
                 self._cond.wait()
+            if self._shut:  # never reopens: a swap would wait for ever
+                raise SnapError(errno.ESHUTDOWN, "the daemon is shutting down")
             self._closed = True
             while self._inflight:
                 self._cond.wait()

@@ -2,12 +2,13 @@
 
 Used when the daemon restarts (registry) and when a reloaded minor's origin gets its
 first client. A clean file must match its header exactly (every index entry valid,
-their count equal to the header's). A file that was not closed cleanly is recovered
-(tracker.py says why each step is safe): saved data and entries are written through,
-so after the death of the process (same boot) the snapshot is exact; change marks are
-made up from the write-intent record, a superset of the truth. After a reboot (power
-cut) unsynced writes may be lost: a durable snapshot keeps exactly what reached the
-disk, any other snapshot fails; change lists are still a superset.
+the count of changed ones equal to the header's). A file that was not closed cleanly
+is recovered (tracker.py and intents.py say why each step is safe): saved data and
+entries are written through, so after the death of the process (same boot) the
+snapshot is exact; change marks are made up from the write-intent record, a superset
+of the truth. After a reboot (power cut) unsynced writes may be lost: a durable
+snapshot keeps exactly what reached the disk, any other snapshot fails; change lists
+are still a superset.
 """
 
 from __future__ import annotations
@@ -17,18 +18,8 @@ import logging
 from array import array
 
 from .changes import index_pages, scan, verify_index
-from .cowfile import (
-    AHEAD,
-    FLAG_FAILED,
-    INTENT_REGION,
-    MARK,
-    PAGE_BLOCKS,
-    SLOT_MASK,
-    CowFile,
-    block_checksums,
-    boot_id,
-    mark_checksums,
-)
+from .cowfile import FLAG_FAILED, INTENT_REGION, PAGE_BLOCKS, CowFile, block_checksums, boot_id
+from .entry import is_saved, mark_changed, no_entries, slot_number, span_bits, state_bits
 from .errors import SnapError
 from .fileio import FileIO
 from .units import BLOCK_SIZE, nr_blocks
@@ -135,22 +126,14 @@ def presume_changed(cow: CowFile, regions: set[int], incremental: bool) -> int:
             first = page * PAGE_BLOCKS
             if first >= nr:
                 break
-            entries = array("Q", cow.read_page(page))
             count = min(PAGE_BLOCKS, nr - first)
-            marks = mark_checksums(range(first, first + count), h.seed)
-            changed = False
-            for i in range(count):
-                slot = entries[2 * i]
-                if slot != MARK and slot & AHEAD:
-                    entries[2 * i] = slot & SLOT_MASK
-                elif not slot and incremental:
-                    entries[2 * i], entries[2 * i + 1] = MARK, marks[i]
-                else:
-                    continue
-                marked += 1
-                changed = True
-            if changed:
-                cow.write_entries(first, entries[:2 * count])
+            entries = array("Q", cow.read_page(page))[:2 * count]
+            saved, changed = state_bits(entries)
+            bits = mark_changed(entries, first, span_bits(0, count) & ~changed, saved, h.seed,
+                                incremental)
+            if bits:
+                cow.write_entries(first, entries)
+                marked += bits.bit_count()
     return marked
 
 
@@ -166,10 +149,10 @@ def drop_unsaved(cow: CowFile, slot_limit: int) -> int:
         first = page.number * PAGE_BLOCKS
         for i in range(PAGE_BLOCKS):
             slot, csum = page.entries[2 * i], page.entries[2 * i + 1]
-            if not slot or slot == MARK:
+            if not is_saved(slot):
                 continue
             data[:] = bytes(BLOCK_SIZE)
-            slot &= SLOT_MASK
+            slot = slot_number(slot)
             got = cow.io.pread_into(data, cow.slot_offset(slot))
             if got == BLOCK_SIZE and \
                     block_checksums(memoryview(data), first + i, h.seed)[0] == csum:
@@ -177,6 +160,6 @@ def drop_unsaved(cow: CowFile, slot_limit: int) -> int:
             if slot <= h.nr_slots:
                 raise SnapError(errno.EUCLEAN, f"{cow.path}: saved data of block {first + i} "
                                 f"(slot {slot}, synced before) fails its checksum")
-            cow.write_entries(first + i, array("Q", [0, 0]))
+            cow.write_entries(first + i, no_entries(1))
             dropped += 1
     return dropped

@@ -1,7 +1,8 @@
 """The daemon's persistent registry: which minors exist, so a restart resumes them.
 
 One JSON file in the run directory, replaced atomically (temp, fsync, rename, fsync of
-the directory) on every change of a minor's identity or mode. Counters and health are
+the directory) on every change of a minor's identity or mode: a save that fails leaves
+the previous file whole, which is what lets a transition save it last (lifecycle.py). Counters and health are
 not in it: the COW file's header carries those.
 """
 
@@ -13,15 +14,33 @@ import os
 from typing import Any
 
 from .errors import SnapError
-from .fileio import atomic_write
+from .fileio import FileIO, atomic_write
 
 REGISTRY_VERSION = 1
 FIELDS = ("minor", "origin", "cow_file", "mode", "max_cache", "fallocate", "uuid", "seq_id")
+MODES = ("snapshot", "incremental")
+
+
+def _bad_value(entry: dict[str, Any]) -> str | None:
+    """The first field of ``entry`` whose value no daemon writes, or None."""
+    def count(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+    checks = {
+        "minor": count(entry["minor"]), "max_cache": count(entry["max_cache"]),
+        "fallocate": count(entry["fallocate"]), "mode": entry["mode"] in MODES,
+        "origin": isinstance(entry["origin"], str) and entry["origin"] != "",
+        "cow_file": isinstance(entry["cow_file"], str) and entry["cow_file"] != "",
+        "uuid": entry["uuid"] is None or (isinstance(entry["uuid"], str)
+                                          and len(entry["uuid"]) == 32),
+        "seq_id": entry["seq_id"] is None or count(entry["seq_id"]),
+    }
+    return next((k for k, ok in checks.items() if not ok), None)
 
 
 class Registry:
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, opener=FileIO.open) -> None:
         self.path = path
+        self.opener = opener  # the temp file of every save is opened through it
 
     def load(self) -> list[dict[str, Any]]:
         try:
@@ -39,12 +58,16 @@ class Registry:
         for entry in doc["minors"]:
             if not isinstance(entry, dict) or set(entry) != set(FIELDS):
                 raise SnapError(errno.EUCLEAN, f"registry {self.path}: bad entry {entry!r}")
+            bad = _bad_value(entry)
+            if bad is not None:
+                raise SnapError(errno.EUCLEAN, f"registry {self.path}: bad {bad} "
+                                f"{entry[bad]!r} in entry {entry!r}")
             entries.append(entry)
         return entries
 
     def save(self, entries: list[dict[str, Any]]) -> None:
         doc = {"version": REGISTRY_VERSION, "minors": entries}
-        atomic_write(self.path, json.dumps(doc, indent=1).encode() + b"\n")
+        atomic_write(self.path, json.dumps(doc, indent=1).encode() + b"\n", self.opener)
 
     def remove(self) -> None:
         try:

@@ -18,19 +18,19 @@ import time
 from typing import NoReturn
 
 from . import __version__
-from .arguments import check_origin_names, check_settings
-from .cli import DEFAULT_RUN_DIR
+from .arguments import (DEFAULT_CACHE_MB, DEFAULT_FALLOCATE_PERCENT, DEFAULT_MAX_MINORS,
+                        EXPORT_PREFIX, check_origin_names, check_settings)
 from .control import remove_stale_socket, request
-from .engine import DEFAULT_CACHE_MB, DEFAULT_FALLOCATE_PERCENT, DEFAULT_MAX_MINORS
 from .errors import SnapError
 from .relay import parse_hostport
+from .rundir import (CTL_SOCKET, INFO_FILE, NBD_SOCKET, REGISTRY_FILE, RUN_DIR_ENV,
+                     SUPERVISOR_PID, RunDir, default_run_dir)
 
 DEFAULT_ORIGIN = "var/disk0.img"  # served when no --origin is given
 DEFAULT_ORIGIN_SIZE = 1 << 30  # 1 GiB, sparse
 NBDKIT_THREADS = 16  # requests in flight per connection
 START_TIMEOUT = 30.0  # seconds --daemon waits for the control socket
 SHUTDOWN_GRACE = 2.0  # seconds nbdkit gets to exit once tracking has stopped
-PID_FILE = "snapengine.pid"  # the supervisor: send it SIGTERM to stop the daemon
 
 
 class Parser(argparse.ArgumentParser):
@@ -46,9 +46,9 @@ def build_parser() -> Parser:
     sub = parser.add_subparsers(dest="command", metavar="serve", parser_class=Parser)
     p = sub.add_parser("serve", help="run the daemon", description=SERVE_HELP,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run-dir", default=os.environ.get("ELIO_RUN_DIR", DEFAULT_RUN_DIR),
-                   help="control socket, NBD socket, info file and registry "
-                   "(env ELIO_RUN_DIR, default %(default)s)")
+    p.add_argument("--run-dir", default=default_run_dir(),
+                   help=f"holds {CTL_SOCKET}, {NBD_SOCKET}, {INFO_FILE} and {REGISTRY_FILE} "
+                   f"(env {RUN_DIR_ENV}, default %(default)s)")
     p.add_argument("--origin", action="append", default=[], metavar="PATH[=NAME]",
                    help="a file or block device to serve read-write, as export NAME "
                    "(default: PATH as given); repeatable. Without any: " + DEFAULT_ORIGIN)
@@ -71,17 +71,17 @@ def build_parser() -> Parser:
     return parser
 
 
-SERVE_HELP = """\
-Serve the origins over NBD on RUN/nbd.sock, with change tracking, and accept
-elioctl commands on RUN/ctl.sock. Runs in the foreground (--daemon: in the
-background, pid in RUN/snapengine.pid) until SIGTERM, SIGINT or SIGHUP, which
+SERVE_HELP = f"""\
+Serve the origins over NBD on RUN/{NBD_SOCKET}, with change tracking, and accept
+elioctl commands on RUN/{CTL_SOCKET}. Runs in the foreground (--daemon: in the
+background, pid in RUN/{SUPERVISOR_PID}) until SIGTERM, SIGINT or SIGHUP, which
 shut it down cleanly even with clients attached: every COW file is synced and
 marked clean, later writes are refused, and the daemon exits 0.
 
 Attach an origin as a block device:
-  nbd-client -unix RUN/nbd.sock -N NAME /dev/nbd0
+  nbd-client -unix RUN/{NBD_SOCKET} -N NAME /dev/nbd0
 or, without the nbd kernel module:
-  nbdfuse MNT/disk 'nbd+unix:///NAME?socket=RUN/nbd.sock' &
+  nbdfuse MNT/disk '{RunDir("RUN").nbd_uri("NAME")}' &
   losetup -f --show MNT/disk
 """
 
@@ -127,17 +127,17 @@ def plugin_path() -> str:
 
 
 def nbdkit_command(args: argparse.Namespace, origins: list[tuple[str, str]],
-                   run_dir: str) -> list[str]:
+                   run_dir: RunDir) -> list[str]:
     nbdkit = shutil.which("nbdkit")
     if nbdkit is None:
         raise SnapError(errno.ENOENT, "nbdkit is not installed (apt-get install nbdkit "
                         "nbdkit-plugin-python, or `make setup`)")
-    cmd = [nbdkit, "-U", os.path.join(run_dir, "nbd.sock"), "-P",
-           os.path.join(run_dir, "nbdkit.pid"), "--threads", str(NBDKIT_THREADS)]
-    cmd += ["-f", "python", plugin_path(), f"run_dir={run_dir}", f"origins={json.dumps(origins)}",
-            f"max_minors={args.max_minors}", f"cache_default={args.cache_default}",
-            f"fallocate_percent={args.fallocate_percent}",
-            f"log={os.path.join(run_dir, 'daemon.log')}"]
+    cmd = [nbdkit, "-U", run_dir.nbd_socket, "-P", run_dir.nbdkit_pid,
+           "--threads", str(NBDKIT_THREADS)]
+    cmd += ["-f", "python", plugin_path(), f"run_dir={run_dir.path}",
+            f"origins={json.dumps(origins)}", f"max_minors={args.max_minors}",
+            f"cache_default={args.cache_default}",
+            f"fallocate_percent={args.fallocate_percent}", f"log={run_dir.log}"]
     if args.tcp:
         cmd.append(f"tcp={args.tcp}")
     if args.verbose:
@@ -166,14 +166,14 @@ def check_options(args: argparse.Namespace) -> None:
             raise SnapError(errno.EINVAL, str(e))
 
 
-def wait_ready(run_dir: str, pid: int) -> None:
-    ctl = os.path.join(run_dir, "ctl.sock")
+def wait_ready(run_dir: RunDir, pid: int) -> None:
+    ctl = run_dir.ctl_socket
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:
         done, status = os.waitpid(pid, os.WNOHANG)
         if done:
             raise SnapError(errno.EIO, f"the daemon exited with status {status >> 8}; "
-                            f"see {os.path.join(run_dir, 'daemon.log')}")
+                            f"see {run_dir.log}")
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             s.connect(ctl)
@@ -193,7 +193,7 @@ def _stop(signum: int, frame) -> None:
     raise Stop(signal.Signals(signum).name)
 
 
-def supervise(cmd: list[str], env: dict[str, str], run_dir: str) -> int:
+def supervise(cmd: list[str], env: dict[str, str], run_dir: RunDir) -> int:
     """Run nbdkit and stop it cleanly on a signal; return the exit status.
 
     nbdkit alone waits for every client to disconnect before it exits on SIGTERM, so an
@@ -209,7 +209,7 @@ def supervise(cmd: list[str], env: dict[str, str], run_dir: str) -> int:
     except Stop:
         return 0
     try:
-        with open(os.path.join(run_dir, PID_FILE), "w") as f:
+        with open(run_dir.supervisor_pid, "w") as f:
             f.write(f"{os.getpid()}\n")
         status = proc.wait()
         return status if status >= 0 else 128 - status  # killed: 128 + signal
@@ -219,21 +219,21 @@ def supervise(cmd: list[str], env: dict[str, str], run_dir: str) -> int:
         print(f"snapengine: {e}: shutting down", file=sys.stderr)
         return shutdown(proc, run_dir)
     finally:
-        for name in (PID_FILE, "nbdkit.pid"):  # left by an nbdkit that was killed
+        for path in (run_dir.supervisor_pid, run_dir.nbdkit_pid):  # nbdkit's, if killed
             try:
-                os.unlink(os.path.join(run_dir, name))
+                os.unlink(path)
             except FileNotFoundError:
                 pass
         try:
-            remove_stale_socket(os.path.join(run_dir, "nbd.sock"))
+            remove_stale_socket(run_dir.nbd_socket)
         except SnapError:
             pass  # another daemon took over the run directory
 
 
-def shutdown(proc: subprocess.Popen, run_dir: str) -> int:
+def shutdown(proc: subprocess.Popen, run_dir: RunDir) -> int:
     clean = True
     try:
-        request(os.path.join(run_dir, "ctl.sock"), "shutdown")
+        request(run_dir.ctl_socket, "shutdown")
     except SnapError as e:  # nbdkit may be gone already (it got the signal too)
         clean = proc.poll() == 0
         if not clean:
@@ -245,7 +245,7 @@ def shutdown(proc: subprocess.Popen, run_dir: str) -> int:
         proc.kill()
         proc.wait()
         try:  # nbdkit could not remove it: no stale view of the minors
-            os.unlink(os.path.join(run_dir, "elastio-snap-info"))
+            os.unlink(run_dir.info)
         except FileNotFoundError:
             pass
     return 0 if clean else 1
@@ -253,23 +253,23 @@ def shutdown(proc: subprocess.Popen, run_dir: str) -> int:
 
 def serve(args: argparse.Namespace) -> int:
     check_options(args)
-    run_dir = os.path.abspath(args.run_dir)
-    os.makedirs(run_dir, mode=0o755, exist_ok=True)
+    run_dir = RunDir(os.path.abspath(args.run_dir))
+    os.makedirs(run_dir.path, mode=0o755, exist_ok=True)
     origins = [parse_origin(spec) for spec in args.origin] or [default_origin()]
     check_origin_names(origins)
-    for sock in ("ctl.sock", "nbd.sock"):
-        remove_stale_socket(os.path.join(run_dir, sock))
+    for sock in (run_dir.ctl_socket, run_dir.nbd_socket):
+        remove_stale_socket(sock)
     cmd = nbdkit_command(args, origins, run_dir)
     env = plugin_environment()
     print(f"snapengine {__version__}: serving {', '.join(n for _, n in origins)} "
-          f"on {run_dir}/nbd.sock", file=sys.stderr)
+          f"on {run_dir.nbd_socket}", file=sys.stderr)
     if args.daemon:
         return daemonize(cmd, env, run_dir)
     print(quick_start(run_dir, origins[0][1]), file=sys.stderr)
     return supervise(cmd, env, run_dir)
 
 
-def daemonize(cmd: list[str], env: dict[str, str], run_dir: str) -> int:
+def daemonize(cmd: list[str], env: dict[str, str], run_dir: RunDir) -> int:
     """Fork the supervisor into the background; return once the daemon answers."""
     pid = os.fork()
     if pid == 0:
@@ -279,19 +279,19 @@ def daemonize(cmd: list[str], env: dict[str, str], run_dir: str) -> int:
             os.dup2(null, fd)
         os._exit(supervise(cmd, env, run_dir))
     wait_ready(run_dir, pid)
-    print(f"snapengine: daemon ready, pid {pid} (log {run_dir}/daemon.log)", file=sys.stderr)
+    print(f"snapengine: daemon ready, pid {pid} (log {run_dir.log})", file=sys.stderr)
     return 0
 
 
-def quick_start(run_dir: str, name: str) -> str:
-    uri = f"nbd+unix:///{name}?socket={run_dir}/nbd.sock"
+def quick_start(run_dir: RunDir, name: str) -> str:
+    uri = run_dir.nbd_uri(name)
     return f"""\
 Attach the origin as a block device (no nbd kernel module needed):
   mkdir -p /mnt/se && nbdfuse /mnt/se/disk '{uri}' &
   losetup -f --show /mnt/se/disk          # prints /dev/loopN: mkfs, mount, use it
 Take a first snapshot and read it:
-  .venv/bin/elioctl --run-dir {run_dir} setup-snapshot {name} /var/tmp/cow1 0
-  nbdcopy 'nbd+unix:///elastio-snap0?socket={run_dir}/nbd.sock' /var/tmp/backup.img
+  .venv/bin/elioctl --run-dir {run_dir.path} setup-snapshot {name} /var/tmp/cow1 0
+  nbdcopy '{run_dir.nbd_uri(f"{EXPORT_PREFIX}0")}' /var/tmp/backup.img
 Stop with Ctrl-C (clean shutdown)."""
 
 

@@ -22,7 +22,7 @@ from types import SimpleNamespace
 import pytest
 
 from snapengine.control import request
-from support import BIN, daemon, run, sparse_file, wait_for
+from tests.harness import BIN, daemon, run, sparse_file, wait_for
 
 MiB = 1 << 20  # elioctl's "MB" (-c, -f) is 2**20 bytes, as in the kernel tool
 ORIGIN_SIZE = 64 * MiB

@@ -36,12 +36,12 @@ from types import SimpleNamespace
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from support import BIN, daemon, sparse_file, wait_for
 
 from snapengine import control
 from snapengine.control import ControlServer, request
 from snapengine.engine import Engine
 from snapengine.errors import SnapError
+from tests.harness import BIN, control_answers, daemon, sparse_file, wait_for
 
 MiB = 1 << 20
 STRANGER = 65534  # nobody
@@ -89,7 +89,6 @@ def server():
         cow_dir = os.path.join(top, "cow")
         os.mkdir(cow_dir)
         with daemon(os.path.join(top, "run"), origins) as d:
-            d.ctl = os.path.join(d.run_dir, "ctl.sock")
             d.paths = {name: path for path, name in origins}
             d.cow_dir = cow_dir
             d.elioctl("setup-snapshot", "disk0", os.path.join(cow_dir, "cow0"), "0")
@@ -659,7 +658,7 @@ def test_100_concurrent_clients(server):
 def open_served(path: str) -> tuple[socket.socket, object]:
     """A connection the server serves (one round trip done), and its reader. A slot that an
     earlier, closed connection has not yet given back makes the server refuse: try again."""
-    for _ in range(100):
+    def served() -> tuple[socket.socket, object] | None:
         s = connect(path)
         replies = s.makefile("rb")
         try:
@@ -673,8 +672,8 @@ def open_served(path: str) -> tuple[socket.socket, object]:
         check_error(reply, errno.EAGAIN)
         replies.close()
         s.close()
-        time.sleep(0.05)
-    raise AssertionError("the server kept refusing a connection")
+        return None
+    return wait_for(served, timeout=10, what="the server to serve a new connection")
 
 
 def test_connections_beyond_the_limit_are_refused(server):
@@ -700,13 +699,8 @@ def test_connections_beyond_the_limit_are_refused(server):
         s, replies = held.pop()
         replies.close()  # the socket's fd stays open while its makefile() reader does
         s.close()
-
-        def served() -> bool:
-            try:
-                return exchange(server.ctl, line({"op": "get-free-minor"}))[0]["ok"]
-            except OSError:
-                return False
-        wait_for(served, timeout=10, what="the freed slot to be reused")
+        wait_for(lambda: control_answers(server.ctl), timeout=10,
+                 what="the freed slot to be reused")
     finally:
         for s, replies in held:
             replies.close()
@@ -820,14 +814,7 @@ def test_timed_out_connections_free_their_slots(local):
     finally:
         for s in stalled:
             s.close()
-    wait_for(lambda: _answers(local.path), timeout=5, what="a free slot")
-
-
-def _answers(path: str) -> bool:
-    try:
-        return request(path, "get-free-minor") == 0
-    except SnapError:
-        return False
+    wait_for(lambda: control_answers(local.path), timeout=5, what="a free slot")
 
 
 # -- the client (control.request) against a daemon whose listen backlog is full ---------------
@@ -865,7 +852,7 @@ def test_client_waits_for_a_busy_daemon(full_backlog):
     listener, path = full_backlog
 
     def serve_late() -> None:
-        time.sleep(0.3)
+        time.sleep(0.3)  # not waiting for anything: the client must find the backlog full
         while True:  # the fillers first (FIFO), then the client, which sends a request
             conn, _ = listener.accept()
             with conn:

@@ -12,7 +12,7 @@ from snapengine import changes
 from snapengine.cowfile import (FLAG_CLEAN, FLAG_INCREMENTAL, HEADER, INDEX_OFFSET, MAGIC,
                                 PAGE_SIZE, CowFile, Header, data_offset_for)
 from snapengine.errors import SnapError
-from snapengine.index import IndexPage, bit_runs
+from snapengine.index import IndexPage
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
 UUID = bytes(range(16))
@@ -75,12 +75,6 @@ def test_not_a_cow_file(tmp_path):
     path.write_bytes(b"hello" * 1000)
     with pytest.raises(SnapError, match="not a snapengine COW file"):
         CowFile.open(str(path))
-
-
-def test_bit_runs():
-    assert list(bit_runs(0)) == []
-    assert list(bit_runs(0b1011100)) == [(2, 3), (6, 1)]
-    assert list(bit_runs((1 << 256) - 1)) == [(0, 256)]
 
 
 @pytest.mark.parametrize("slot, csum", [

@@ -3,76 +3,29 @@ full copy of the first snapshot, then three rounds of activity, transition and u
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import os
 import random
 
 import pytest
 
-from support import BIN, attached, daemon, mounted, require, run, sparse_file
+from tests.harness import (
+    BIN,
+    attached,
+    churn,
+    daemon,
+    digest,
+    export_digest,
+    frozen,
+    mounted,
+    require,
+    run,
+    sparse_file,
+)
+
 
 pytestmark = pytest.mark.e2e
 
 MiB = 1 << 20
-CHUNK = 4 * MiB
-
-
-def churn(top: str, rng: random.Random, operations: int) -> None:
-    """Seeded file activity: create, grow, overwrite in place, delete, rename."""
-    os.makedirs(top, exist_ok=True)
-    for _ in range(operations):
-        names = sorted(os.listdir(top))
-        action = rng.choice(["create", "create", "grow", "overwrite", "delete", "rename"])
-        if action == "create" or not names:
-            with open(os.path.join(top, f"f{rng.randrange(10**9)}"), "wb") as f:
-                f.write(rng.randbytes(rng.randrange(0, 256 * 1024)))
-            continue
-        path = os.path.join(top, rng.choice(names))
-        if action == "grow":
-            with open(path, "ab") as f:
-                f.write(rng.randbytes(rng.randrange(1, 128 * 1024)))
-        elif action == "overwrite":
-            size = os.path.getsize(path)
-            with open(path, "r+b") as f:
-                f.seek(rng.randrange(0, size + 1))
-                f.write(rng.randbytes(rng.randrange(1, 64 * 1024)))
-        elif action == "delete":
-            os.unlink(path)
-        else:
-            os.rename(path, os.path.join(top, f"r{rng.randrange(10**9)}"))
-
-
-def export_digest(uri: str) -> str:
-    import nbd
-    h = nbd.NBD()
-    h.connect_uri(uri)
-    try:
-        digest = hashlib.sha256()
-        size = h.get_size()
-        for offset in range(0, size, CHUNK):
-            digest.update(h.pread(min(CHUNK, size - offset), offset))
-        return digest.hexdigest()
-    finally:
-        h.shutdown()
-
-
-def file_digest(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-@contextlib.contextmanager
-def frozen(mountpoint: str):
-    """fsfreeze: the filesystem is consistent on disk (journal flushed) while frozen."""
-    run(["fsfreeze", "-f", mountpoint])
-    try:
-        yield
-    finally:
-        run(["fsfreeze", "-u", mountpoint])
 
 
 def test_three_rounds_of_incremental_backup(tmp_path):
@@ -89,7 +42,7 @@ def test_three_rounds_of_incremental_backup(tmp_path):
                 with frozen(fs):
                     d.elioctl("setup-snapshot", "disk0", str(tmp_path / "cow1"), "2")
                 run(["nbdcopy", snap_uri, image])  # the full backup
-                assert file_digest(image) == export_digest(snap_uri)
+                assert digest(image) == export_digest(snap_uri)
                 run(["e2fsck", "-fn", image])
                 d.elioctl("transition-to-incremental", "2")
 
@@ -110,7 +63,7 @@ def test_three_rounds_of_incremental_backup(tmp_path):
                              old_cow, image])
                     assert r.stdout.startswith("copying complete: ")
                     assert r.stdout.rstrip().endswith(", 0 errors")
-                    assert file_digest(image) == export_digest(snap_uri), f"round {round_}"
+                    assert digest(image) == export_digest(snap_uri), f"round {round_}"
                     run(["e2fsck", "-fn", image])
                     d.elioctl("transition-to-incremental", "2")
         d.elioctl("destroy", "2")

@@ -10,8 +10,19 @@ import nbd
 import pytest
 
 from snapengine.cowfile import CowFile
-from support import BIN, Daemon, attached, mounted, require, run, sparse_file
-from test_e2e_backup import churn, export_digest, file_digest, frozen
+from tests.harness import (
+    BIN,
+    Daemon,
+    attached,
+    churn,
+    digest,
+    export_digest,
+    frozen,
+    mounted,
+    require,
+    run,
+    sparse_file,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -56,7 +67,7 @@ def test_sigterm_restart_keeps_snapshot_and_chain(tmp_path):
                 churn(os.path.join(fs, "data"), rng, 150)  # fills the COW file
                 run(["sync"])
         snapshot_digest = export_digest(snap)
-        assert file_digest(image) == snapshot_digest
+        assert digest(image) == snapshot_digest
 
         restart(d, 5)  # snapshot mode
         assert export_digest(snap) == snapshot_digest
@@ -76,7 +87,7 @@ def test_sigterm_restart_keeps_snapshot_and_chain(tmp_path):
         r = run([os.path.join(BIN, "update-img"), "--run-dir", d.run_dir, "5",
                  str(tmp_path / "cow1"), image])
         assert r.stdout.rstrip().endswith(", 0 errors")
-        assert file_digest(image) == export_digest(snap)
+        assert digest(image) == export_digest(snap)
         run(["e2fsck", "-fn", image])
         d.elioctl("destroy", "5")
     finally:

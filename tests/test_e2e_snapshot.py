@@ -8,7 +8,8 @@ import os
 import nbd
 import pytest
 
-from support import attached, daemon, mounted, run, sparse_file
+from tests.harness import attached, daemon, mounted, run, sparse_file
+
 
 pytestmark = pytest.mark.e2e
 

@@ -24,12 +24,12 @@ import threading
 
 import nbd
 import pytest
-from faults import FaultPlan
-from support import IN_CI, daemon
 
 from snapengine import cli, updateimg
 from snapengine.engine import Engine
 from snapengine.errors import SnapError
+from tests.harness import IN_CI, daemon
+from tests.harness.faults import FaultPlan
 
 MiB = 1 << 20
 BLOCK = 4096

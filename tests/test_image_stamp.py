@@ -11,8 +11,9 @@ import os
 import nbd
 import pytest
 
-from snapengine import updateimg
-from support import daemon, digest, export_bytes, run, sparse_file, update_img
+from snapengine import source, updateimg
+from snapengine.stamp import SnapshotId, clear_stamp, read_stamp, write_stamp
+from tests.harness import daemon, digest, export_bytes, run, sparse_file, update_img
 
 pytestmark = pytest.mark.e2e
 
@@ -157,15 +158,56 @@ def test_sidecar_where_xattrs_are_not_supported(tmp_path, monkeypatch):
         monkeypatch.setattr(os, name, refuse)
     image = tmp_path / "image"
     image.write_bytes(b"x" * 4096)
-    assert updateimg.read_stamp(str(image)) is None
+    assert read_stamp(str(image)) is None
     fd = os.open(image, os.O_RDONLY)
     try:
-        updateimg.write_stamp(str(image), fd, updateimg.Stamp("ab" * 16, 7))
+        write_stamp(str(image), fd, SnapshotId("ab" * 16, 7))
         sidecar = tmp_path / "image.snapengine-stamp"
         assert json.loads(sidecar.read_text()) == {"uuid": "ab" * 16, "seq_id": 7}
-        assert updateimg.read_stamp(str(image)) == updateimg.Stamp("ab" * 16, 7)
+        assert read_stamp(str(image)) == SnapshotId("ab" * 16, 7)
         assert sorted(os.listdir(tmp_path)) == ["image", "image.snapengine-stamp"]
-        updateimg.clear_stamp(str(image), fd)
-        assert updateimg.read_stamp(str(image)) is None
+        clear_stamp(str(image), fd)
+        assert read_stamp(str(image)) is None
     finally:
         os.close(fd)
+
+
+@pytest.mark.parametrize("mode", ["update", "full"])
+def test_a_snapshot_changed_between_connections_is_refused_untouched(d, tmp_path, monkeypatch,
+                                                                     capsys, mode):
+    """The race: update-img's first connection reads snapshot 2; before its second one
+    opens, transition-to-incremental + transition-to-snapshot make snapshot 3. The second
+    connection's description says seq_id 3: EAGAIN before anything is written (--full:
+    the image is not even created), and every connection is closed."""
+    image = tmp_path / "image"
+    assert update_img(d, "--full", "0", image).returncode == 0
+    next_snapshot(d, tmp_path / "cow2")
+    before, old_stamp = digest(image), stamp_of(image)
+    real, opened, closed = source.nbd_connection, [], []
+
+    def racing(uri, run_dir, minor):
+        if len(opened) == 1:  # between the first connection and the next
+            next_snapshot(d, tmp_path / "cow3")
+        conn = real(uri, run_dir, minor)
+        opened.append(conn.identity)
+        close = conn.close
+        conn.close = lambda: (closed.append(conn.identity), close())
+        return conn
+    monkeypatch.setattr(source, "nbd_connection", racing)
+    target = image if mode == "update" else tmp_path / "new.img"
+    args = ["0", tmp_path / "cow1", image] if mode == "update" else ["--full", "0", target]
+    capsys.readouterr()
+    assert updateimg.main(["--run-dir", d.run_dir, *map(str, args)]) == errno.EAGAIN
+    out = capsys.readouterr()
+    assert out.out == "" and out.err.count("\n") == 1, out
+    assert out.err.startswith("update-img: Resource temporarily unavailable: the snapshot "
+                              "changed while update-img was opening it"), out.err
+    assert "seq_id 2" in out.err and "seq_id 3" in out.err and "run it again" in out.err
+    assert [i.seq_id for i in opened] == [2, 3] and closed == opened[::-1]
+    assert digest(image) == before and stamp_of(image) == old_stamp
+    assert not (tmp_path / "new.img").exists()
+    if mode == "full":  # run again: the copy is of the snapshot now served
+        monkeypatch.undo()
+        assert update_img(d, *args).returncode == 0
+        assert target.read_bytes() == export_bytes(d, "elastio-snap0")
+        assert stamp_of(target)["seq_id"] == 3

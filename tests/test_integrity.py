@@ -30,7 +30,6 @@ import subprocess
 from collections import defaultdict
 
 import pytest
-from support import BIN, Daemon, run
 
 from snapengine import changes
 from snapengine.cowfile import (
@@ -45,6 +44,7 @@ from snapengine.cowfile import (
     intent_offset_for,
 )
 from snapengine.engine import Engine
+from tests.harness import BIN, Daemon, run
 
 MiB = 1 << 20
 BLOCK = 4096

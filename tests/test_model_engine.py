@@ -3,10 +3,18 @@
 The model is a bytearray for the origin and, for the one minor tracking it, the origin
 frozen at the current snapshot point plus the set of blocks touched since then. A
 hypothesis ``RuleBasedStateMachine`` drives writes, zeroes, trims, flushes, client
-reopens (active <-> dormant), setup, both transitions, destroy and snapshot reads, and
-checks after every step that the origin, the snapshot image, ``info`` and the index
-cache agree with the model. A transition to snapshot also checks the old COW file's
-changed-block list block for block.
+reopens (active <-> dormant), setup, both transitions, destroy, snapshot reads, clean
+restarts and crashes, and checks after every step that the origin, the snapshot image,
+``info`` and the index cache agree with the model. A transition to snapshot also checks
+the old COW file's changed-block list block for block.
+
+A restart closes the engine (clients gone first) and starts a new one on the same run
+directory. A crash is kill -9 simulated in-process, as test_kill9 does it for real: the
+files are taken as the dead process would leave them (powercut.crash_image: everything
+the kernel took), the engine is let go (its locks released), the files are put back as
+taken, and a new engine recovers them. After either, the minor resumes dormant and the
+snapshot still reads as the model; after a crash of an active minor the change list may
+over-count (the write-intent record), never miss a block.
 
 Plain tests below race writers against snapshot readers and against
 transition-to-snapshot, where the per-block ordering of tracker.py matters.
@@ -45,6 +53,7 @@ from snapengine.engine import Engine
 from snapengine.index import PAGE_COST
 from snapengine.tracker import COPY_BLOCKS
 from snapengine.units import BLOCK_SIZE, MiB, blocks_spanning, nr_blocks
+from tests.harness.powercut import crash_image, restore_image
 
 ORIGIN = "disk"
 MAX_MINORS = 4
@@ -53,8 +62,11 @@ MAX_IO = 64 * 1024  # bytes of one write
 ORIGIN_SIZES = (MiB + 1000, 2 * MiB + 3 * BLOCK_SIZE + 17)
 EFBIG = -errno.EFBIG  # info "error" of a snapshot that reached its -f limit
 
-SETTINGS = settings(max_examples=1000, stateful_step_count=30, deadline=None,
+# Examples per model test: 500 in CI; `make soak` sets SNAPENGINE_MODEL_EXAMPLES higher.
+EXAMPLES = int(os.environ.get("SNAPENGINE_MODEL_EXAMPLES", "500"))
+SETTINGS = settings(max_examples=EXAMPLES, stateful_step_count=30, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+EXAMPLE_S = 0.5  # seconds one example takes at most, measured (tiny cache), times 3
 
 
 def touched_blocks(offset: int, length: int) -> set[int]:
@@ -133,6 +145,8 @@ class SnapModel:
     export: object | None = None  # an open elastio-snapN connection in snapshot mode
     seq_id: int = 1
     failed: bool = False
+    untracked: bool = False  # failed at a restart: no tracker, info without header fields
+    over_count: bool = False  # a crash presumed blocks changed: the list is a superset
 
     @property
     def snapshot(self) -> bool:
@@ -171,9 +185,12 @@ class EngineModel(RuleBasedStateMachine):
             f.truncate(size)
             if not sparse:
                 f.write(self.model)
+        self.open_engine()
+        self.handles.append(self.engine.open_export(ORIGIN, readonly=False))
+
+    def open_engine(self) -> None:
         self.engine = Engine(self.dir, [(self.origin_path, ORIGIN)], max_minors=MAX_MINORS)
         self.engine.start()
-        self.handles.append(self.engine.open_export(ORIGIN, readonly=False))
 
     def teardown(self) -> None:
         try:
@@ -189,7 +206,10 @@ class EngineModel(RuleBasedStateMachine):
 
     def _count_loads(self) -> None:
         """Before a tracker goes: count the index pages it read more than once."""
-        loads = self.engine.minors[self.snap.minor].tracker.index.loads
+        tracker = self.engine.minors[self.snap.minor].tracker
+        if tracker is None:  # failed at a restart: it never had one
+            return
+        loads = tracker.index.loads
         self.loads += max(0, loads - (nr_blocks(self.size) + 255) // 256)
 
     def new_cow_path(self) -> str:
@@ -276,7 +296,7 @@ class EngineModel(RuleBasedStateMachine):
     @rule()
     def open_client(self) -> None:
         self.handles.append(self.engine.open_export(ORIGIN, readonly=False))
-        if self.snap is not None:
+        if self.snap is not None and not self.snap.untracked:  # a failed minor stays dormant
             self.active = True
 
     @precondition(lambda self: self.handles)
@@ -352,23 +372,81 @@ class EngineModel(RuleBasedStateMachine):
         s.seq_id += 1
         s.frozen = bytes(self.model)
         s.touched, s.saved = set(), set()
+        s.over_count = False
         self.open_snapshot_export()
 
     def check_closed_cow(self, path: str, s: SnapModel) -> None:
-        """The old COW file lists exactly the blocks touched between the two points."""
+        """The old COW file lists exactly the blocks touched between the two points (after
+        a crash, at least those)."""
         cow = CowFile.open(path, writable=False)
         try:
             listed = list(changes.changed_blocks(cow))
-            expected = sorted(s.touched)
-            assert listed == expected, (
-                f"{path}: listed but not touched {sorted(set(listed) - s.touched)[:10]}, "
-                f"touched but not listed {sorted(s.touched - set(listed))[:10]}")
+            missed = s.touched - set(listed)
+            assert not missed, f"{path}: touched but not listed {sorted(missed)[:10]}"
+            if s.over_count:
+                event("change list closed after a crash")
+            else:
+                assert listed == sorted(s.touched), \
+                    f"{path}: listed but not touched {sorted(set(listed) - s.touched)[:10]}"
             h = cow.header
             assert h.clean and h.incremental and not h.error
-            assert (h.nr_changed_blocks, h.seq_id, h.uuid.hex()) == (len(expected), s.seq_id, s.uuid)
+            assert (h.nr_changed_blocks, h.seq_id, h.uuid.hex()) == (len(listed), s.seq_id, s.uuid)
             changes.verify_index(cow)
         finally:
             cow.close()
+
+    # -- restarts and crashes --------------------------------------------------------------
+    @precondition(lambda self: self.snap is not None)
+    @rule(reconnect=st.booleans())
+    def restart(self, reconnect: bool) -> None:
+        """Clean stop: the clients leave, the engine closes; a new one on the same run dir."""
+        event(f"restart in {self.mode_name()}")
+        self.stop_engine()
+        self.resume(reconnect)
+
+    @precondition(lambda self: self.snap is not None)
+    @rule(reconnect=st.booleans())
+    def crash(self, reconnect: bool) -> None:
+        """kill -9: the files as the dead process leaves them, recovered by a new engine."""
+        event(f"crash in {self.mode_name()}")
+        image = crash_image(self.dir)
+        dirty = self.snap is not None and self.active  # its COW file is marked dirty
+        self.stop_engine()  # as the kernel does for a dead process: fds closed, locks gone
+        restore_image(self.dir, image)  # ... and nothing the old engine did since
+        if dirty:
+            self.snap.over_count = True
+            event("crash of an active minor")
+        self.resume(reconnect)
+
+    def mode_name(self) -> str:
+        s = self.snap
+        return "no minor" if s is None else "failed" if s.failed else \
+            "snapshot mode" if s.snapshot else "incremental mode"
+
+    def stop_engine(self) -> None:
+        if self.snap is not None:
+            self._count_loads()
+        for h in self.handles:
+            h.close()
+        self.handles = []
+        self.engine.close()
+        self.engine = None
+
+    def resume(self, reconnect: bool) -> None:
+        """A new engine: the minor comes back dormant, its connections are gone."""
+        self.open_engine()
+        self.active = False
+        self.stale = []
+        s = self.snap
+        if s is not None:
+            s.export = None
+            if s.failed and not s.untracked:  # a failed COW file does not resume
+                s.untracked = True
+                event("restart of a failed snapshot")
+            if s.snapshot:
+                self.open_snapshot_export()
+        if reconnect:
+            self.open_client()
 
     @rule(data=st.data())
     def misuse(self, data) -> None:
@@ -470,14 +548,22 @@ class EngineModel(RuleBasedStateMachine):
                     "max_cache": s.max_cache, "fallocate": s.fallocate, "seq_id": s.seq_id,
                     "uuid": s.uuid, "version": 1, "nr_changed_blocks": len(s.touched),
                     "state": state}
+        if s.untracked:  # no COW file open: nothing from its header
+            for key in ("fallocate", "seq_id", "uuid", "version", "nr_changed_blocks"):
+                del expected[key]
         if s.failed:
             expected["error"] = EFBIG
+        if s.over_count and not s.untracked and len(devices) == 1:
+            counted = devices[0].get("nr_changed_blocks", -1)
+            assert len(s.touched) <= counted <= nr_blocks(self.size), \
+                f"{counted} changed blocks counted, {len(s.touched)} touched"
+            expected["nr_changed_blocks"] = counted
         assert devices == [expected]
 
     @invariant()
     def cache_within_bound(self) -> None:
         """Between requests nothing is pinned: the cache is within its bound."""
-        if self.snap is None:
+        if self.snap is None or self.snap.untracked:
             return
         tracker = self.engine.minors[self.snap.minor].tracker
         bound = max(self.snap.max_cache, index_module.MIN_CACHE_PAGES * PAGE_COST)
@@ -492,10 +578,12 @@ def run_model(machine: type[EngineModel], tmp_path, **attrs) -> list[int]:
     return loads
 
 
+@pytest.mark.timeout(60 + EXAMPLE_S * EXAMPLES)
 def test_engine_model(tmp_path):
     run_model(EngineModel, tmp_path)
 
 
+@pytest.mark.timeout(60 + EXAMPLE_S * EXAMPLES)
 def test_engine_model_tiny_cache(tmp_path, monkeypatch):
     """The index cache holds 2 or 3 pages of the 3 or 5 an origin has, so pages are
     evicted and read back from the COW file all the time.

@@ -28,11 +28,11 @@ from hypothesis.stateful import (
     rule,
     run_state_machine_as_test,
 )
-from support import daemon, require, sparse_file, wait_for
 
 from snapengine import changes
 from snapengine.cowfile import CowFile
 from snapengine.units import BLOCK_SIZE, MiB, blocks_spanning, nr_blocks
+from tests.harness import connect, daemon, require, shutdown_quietly, sparse_file, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -49,19 +49,6 @@ SETTINGS = settings(max_examples=30, stateful_step_count=15, deadline=None,
 
 def snapshot_export(minor: int) -> str:
     return f"elastio-snap{minor}"
-
-
-def connect(uri: str) -> nbd.NBD:
-    h = nbd.NBD()
-    h.connect_uri(uri)
-    return h
-
-
-def disconnect(h: nbd.NBD) -> None:
-    try:
-        h.shutdown()
-    except nbd.Error:
-        pass
 
 
 def blocks_of(offset: int, length: int) -> set[int]:
@@ -149,7 +136,7 @@ class NbdModel(RuleBasedStateMachine):
 
     def teardown(self) -> None:
         for h in self.stale + ([self.snap_conn] if self.snap_conn else []):
-            disconnect(h)
+            shutdown_quietly(h)
         if self.snap_minor is not None:
             self.d.elioctl("destroy", str(self.snap_minor), check=False)
 
@@ -254,7 +241,7 @@ class NbdModel(RuleBasedStateMachine):
     @rule(client=st.integers(0, NR_CLIENTS - 1))
     def reconnect_one(self, client: int) -> None:
         """The others stay connected: the minor stays active."""
-        disconnect(self.clients[client])
+        shutdown_quietly(self.clients[client])
         self.clients[client] = connect(self.d.uri(ORIGIN))
 
     @precondition(lambda self: self.snap_minor is not None)
@@ -262,7 +249,7 @@ class NbdModel(RuleBasedStateMachine):
     def reconnect_all(self) -> None:
         """The last client leaves: dormant (1/0), and a snapshot stays readable."""
         for h in self.clients:
-            disconnect(h)
+            shutdown_quietly(h)
         dormant = 1 if self.frozen is not None else 0
         wait_for(lambda: self.d.info(self.snap_minor)["state"] == dormant, timeout=10,
                  what=f"minor {self.snap_minor} to go dormant")
@@ -372,6 +359,6 @@ def test_nbd_model(tmp_path):
             run_state_machine_as_test(model, settings=SETTINGS)
         finally:
             for h in clients:
-                disconnect(h)
+                shutdown_quietly(h)
         errors = [line for line in d.log().splitlines() if " ERROR " in line]
         assert not errors, errors[:5]

@@ -28,9 +28,10 @@ import socket
 import struct
 
 import pytest
-from support import daemon, sparse_file, wait_for
 
 from snapengine.control import request
+from tests.harness import daemon, sparse_file, wait_for
+from tests.harness.nbdclient import export_names as harness_export_names
 
 nbd = pytest.importorskip("nbd")
 
@@ -58,7 +59,6 @@ def server(tmp_path_factory):
     port = free_tcp_port()
     with daemon(str(base / "run"), origins, ["--tcp", f"127.0.0.1:{port}"]) as d:
         d.port = port
-        d.ctl = os.path.join(d.run_dir, "ctl.sock")
         d.paths = {name: path for path, name in origins}
         d.cow_dir = base / "cow"
         d.cow_dir.mkdir()
@@ -106,19 +106,8 @@ def client(d, name: str | None = None, uri: str | None = None):
 
 
 def export_names(d, uri: str | None = None) -> list[tuple[str, str]]:
-    """NBD_OPT_LIST in libnbd's option mode: (name, description) of every export."""
-    h = nbd.NBD()
-    h.set_opt_mode(True)
-    if uri is not None:
-        h.connect_uri(uri)
-    else:
-        h.connect_unix(d.nbd_socket)
-    found: list[tuple[str, str]] = []
-    try:
-        h.opt_list(lambda name, description: found.append((name, description)) or 0)
-    finally:
-        h.opt_abort()
-    return found
+    """NBD_OPT_LIST of the daemon ``d`` (on its Unix socket, or at ``uri``)."""
+    return harness_export_names(uri or d.uri(""))
 
 
 def still_serves(d) -> None:

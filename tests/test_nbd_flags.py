@@ -11,7 +11,8 @@ from __future__ import annotations
 import random
 
 import pytest
-from support import daemon, sparse_file
+
+from tests.harness import daemon, sparse_file
 
 nbd = pytest.importorskip("nbd")
 pytestmark = pytest.mark.e2e

@@ -23,12 +23,12 @@ import uuid as uuidlib
 
 import pytest
 
-from powercut import Disk
 from snapengine import changes
 from snapengine.cowfile import HEADER_AREA, CowFile, Header
 from snapengine.engine import Engine
 from snapengine.errors import SnapError
 from snapengine.units import BLOCK_SIZE, MiB, nr_blocks
+from tests.harness.powercut import Disk
 
 ORIGIN_SIZE = 3 * 64 * MiB + 12345  # four write-intent regions, an unaligned tail
 LAST = nr_blocks(ORIGIN_SIZE) - 1

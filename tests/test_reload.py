@@ -13,7 +13,8 @@ import nbd
 import pytest
 
 from snapengine.cowfile import FLAG_CLEAN, INDEX_OFFSET, CowFile
-from support import Daemon, daemon, sparse_file
+from tests import harness
+from tests.harness import Daemon, daemon, sparse_file
 
 pytestmark = pytest.mark.e2e
 
@@ -22,9 +23,7 @@ SIZE = 8 * MiB
 
 
 def connect(d: Daemon, name: str = "disk0") -> nbd.NBD:
-    h = nbd.NBD()
-    h.connect_uri(d.uri(name))
-    return h
+    return harness.connect(d.uri(name))
 
 
 @pytest.fixture(scope="module")

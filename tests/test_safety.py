@@ -6,7 +6,6 @@ Each test is one finding of the safety review: it failed before the fix.
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import signal
 import subprocess
@@ -14,11 +13,13 @@ import time
 
 import pytest
 
-from support import (
+from tests.harness import (
     BIN,
     Daemon,
     attached,
+    connect,
     daemon,
+    digest,
     mounted,
     run,
     socket_answers,
@@ -34,20 +35,9 @@ MiB = 1 << 20
 SIZE = 16 * MiB
 
 
-def digest(path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
-
-
-def connect(d, export: str):
-    h = nbd.NBD()
-    h.connect_uri(d.uri(export))
-    return h
-
-
 def touch_origin(d, name: str, data: bytes | None = None) -> None:
     """One client connects (the minor comes online), optionally writes, and leaves."""
-    h = connect(d, name)
+    h = connect(d.uri(name))
     try:
         if data is not None:
             h.pwrite(data, 0)
@@ -125,7 +115,7 @@ def test_a_cow_file_is_never_shared(tmp_path):
         touch_origin(d, "e", os.urandom(16 * 4096))
     with daemon(str(tmp_path / "run"), specs) as d:
         assert "error" not in d.info(0) and [m["minor"] for m in d.info()["devices"]] == [0]
-        h = connect(d, "elastio-snap0")
+        h = connect(d.uri("elastio-snap0"))
         try:
             assert h.pread(SIZE, 0) == old_d
         finally:
@@ -159,9 +149,8 @@ def test_kill9_of_the_supervisor_takes_nbdkit_with_it(tmp_path):
     d = Daemon(str(tmp_path / "run"), specs).start()
     try:
         d.elioctl("setup-snapshot", "d", str(tmp_path / "cow"), "0")
-        with open(os.path.join(d.run_dir, "nbdkit.pid")) as f:
-            nbdkit_pid = int(f.read())
-        h = connect(d, "d")  # stays attached throughout
+        nbdkit_pid = d.pid
+        h = connect(d.uri("d"))  # stays attached throughout
         h.pwrite(b"a" * 4096, 0)
         d.proc.send_signal(signal.SIGKILL)
         d.proc.wait()
@@ -194,7 +183,7 @@ def test_a_snapshot_failed_at_resume_answers_eio(tmp_path):
         f.truncate(2 * SIZE)
     with daemon(str(tmp_path / "run"), specs) as d:
         assert d.info(0)["error"] == -errno.EINVAL
-        h = connect(d, "elastio-snap0")
+        h = connect(d.uri("elastio-snap0"))
         try:
             with pytest.raises(nbd.Error) as e:
                 h.pread(4096, 0)

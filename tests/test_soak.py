@@ -1,9 +1,9 @@
-"""About a minute of bench/soak.py in CI: a real daemon, writers on the origin, readers on
+"""Under a minute of tests/soak.py in CI: a real daemon, writers on the origin, readers on
 the snapshot checking every block against the frozen image, and a loop of transitions
 (snapshot, incremental, snapshot with new COW files, destroy and setup), with the
 changed-block list of each closed COW file checked against what was written
 (``elioctl changed-blocks`` and ``update-img``). The long run is
-``.venv/bin/python bench/soak.py --minutes N``.
+``.venv/bin/python -m tests.soak --minutes N`` (``make soak``).
 
 SNAPENGINE_SOAK_SECONDS sets the duration (default 50), SNAPENGINE_SOAK_SEED the seed.
 """
@@ -11,25 +11,24 @@ SNAPENGINE_SOAK_SECONDS sets the duration (default 50), SNAPENGINE_SOAK_SEED the
 from __future__ import annotations
 
 import os
-import sys
 
 import pytest
-from support import ROOT, require
 
-sys.path.insert(0, os.path.join(ROOT, "bench"))
-
-import soak
+from tests.harness import require
+from tests.soak import run_soak
 
 pytestmark = pytest.mark.e2e
 
 SECONDS = float(os.environ.get("SNAPENGINE_SOAK_SECONDS", "50"))
 SEED = int(os.environ.get("SNAPENGINE_SOAK_SEED", "20240611"))
+SETTLE = 10  # seconds beyond SECONDS: daemon start, final checks, shutdown
 
 
+@pytest.mark.timeout(3 * (SECONDS + SETTLE))
 def test_soak(tmp_path, request):
     require("nbdkit")
     lines: list[str] = []
-    stats = soak.run_soak(str(tmp_path), SECONDS, seed=SEED, log=lines.append)
+    stats = run_soak(str(tmp_path), SECONDS, seed=SEED, log=lines.append)
     summary = f"soak ({SECONDS:.0f} s, seed {SEED}): {stats.summary()}"
     reporter = request.config.pluginmanager.get_plugin("terminalreporter")
     capture = request.config.pluginmanager.get_plugin("capturemanager")

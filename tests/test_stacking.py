@@ -15,7 +15,7 @@ import pytest
 
 from snapengine import stacking
 from snapengine.stacking import carrying_origin
-from support import attached, daemon, mounted, run, sparse_file
+from tests.harness import attached, daemon, mounted, run, sparse_file
 
 MiB = 1 << 20
 COW_FS = os.makedev(259, 1)     # the file system holding the COW dir ...

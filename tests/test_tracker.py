@@ -1,4 +1,5 @@
-"""The engine's failure paths, in process: the -f limit, corrupt saved data, the cache bound."""
+"""The trackers in process: the engine's failure paths (the -f limit, corrupt saved data,
+the cache bound) and change marking in both modes."""
 
 from __future__ import annotations
 
@@ -7,10 +8,14 @@ import os
 
 import pytest
 
-from snapengine.cowfile import INDEX_OFFSET, CowFile
+from snapengine import changes
+from snapengine.cowfile import INDEX_OFFSET, CowFile, Header
 from snapengine.engine import Engine
+from snapengine.entry import AHEAD, MARK
 from snapengine.errors import SnapError
+from snapengine.fileio import FileIO
 from snapengine.index import MIN_CACHE_PAGES, PAGE_COST
+from snapengine.tracker import IncrementalTracker, SnapshotTracker
 
 MiB = 1 << 20
 
@@ -98,3 +103,31 @@ def test_cache_stays_within_its_bound(tmp_path):
         assert engine.info(0)["max_cache"] == 2 * MiB
         assert engine.info(0)["nr_changed_blocks"] == 2048
         h.close()
+
+
+def test_both_modes_mark_ahead_entries_changed(tmp_path):
+    """One mark_changed for both modes: snapshot mode clears AHEAD; after the transition,
+    AHEAD entries left from the snapshot phase are cleared and new blocks get a MARK."""
+    path = tmp_path / "origin"
+    path.write_bytes(os.urandom(MiB))
+    origin = FileIO.open(str(path), os.O_RDWR)
+    cow = CowFile.create(str(tmp_path / "cow"), Header(MiB, bytes(16), 1, MiB))
+    try:
+        snap = SnapshotTracker(cow, origin, MiB)
+        snap.before_write(0, 1)  # saves blocks 0-15; 1-15 AHEAD
+        snap.before_write(3, 4)  # AHEAD: cleared, no copy
+        assert snap.nr_changed == 2 and snap.nr_slots == 16
+        snap.become_incremental(clean=False)
+        incr = IncrementalTracker(cow, origin, MiB)
+        incr.before_write(5, 7)  # AHEAD from the snapshot phase
+        incr.before_write(100, 101)  # no entry: a MARK
+        incr.before_write(3, 4)  # changed already: nothing
+        assert incr.nr_changed == 5
+        incr.checkpoint(clean=True)
+        slots = [cow.io.pread(8, INDEX_OFFSET + 16 * b) for b in (1, 3, 5, 100)]
+        slots = [int.from_bytes(s, "little") for s in slots]
+        assert slots == [AHEAD | 2, 4, 6, MARK]
+        assert list(changes.changed_blocks(cow)) == [0, 3, 5, 6, 100]
+    finally:
+        cow.close()
+        origin.close()

@@ -4,14 +4,18 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 
 import nbd
 import pytest
 
+from snapengine import source, updateimg
 from snapengine.cowfile import FLAG_CLEAN, CowFile
-from support import daemon, digest, export_bytes, run, sparse_file, update_img
+from snapengine.errors import SnapError
+from snapengine.stamp import SnapshotId
+from tests.harness import daemon, digest, export_bytes, run, sparse_file, update_img
 
 pytestmark = pytest.mark.e2e
 
@@ -117,3 +121,116 @@ def test_missing_files_and_unknown_snapshots(chain, image, tmp_path):
     assert r.returncode == errno.ENOENT
     r = update_img(chain, image, chain.base / "cow2", image)  # a local file without --minor
     assert r.returncode == errno.EINVAL and "--minor" in r.stderr
+
+
+# -- which snapshot each connection reads --------------------------------------------------
+
+def description(d, export: str) -> str:
+    h = nbd.NBD()
+    h.set_full_info(True)
+    h.connect_uri(d.uri(export))
+    try:
+        return h.get_export_description()
+    finally:
+        h.shutdown()
+
+
+def test_exports_describe_themselves_in_json(chain):
+    """What update-img reads first: the snapshot's identity, as a JSON object."""
+    for minor, seq_id in ((0, 3), (1, 2)):
+        assert json.loads(description(chain, f"elastio-snap{minor}")) == {
+            "snapengine": "snapshot", "minor": minor, "uuid": chain.info(minor)["uuid"],
+            "seq_id": seq_id}
+    assert json.loads(description(chain, "disk0")) == {
+        "snapengine": "origin", "path": str(chain.base / "disk0.img")}
+
+
+def test_an_origin_is_not_a_snapshot(chain, image):
+    before = digest(image)
+    r = update_img(chain, chain.uri("disk0"), chain.base / "cow2", image)
+    assert r.returncode == errno.EINVAL and "is the origin" in r.stderr, r.stderr
+    assert digest(image) == before
+
+
+@pytest.mark.parametrize("said", [None, "a proxy's own words", '{"name": "elastio-snap0"}'],
+                         ids=["absent", "free-text", "other-json"])
+def test_without_our_description_the_daemon_is_asked_on_every_connection(
+        chain, image, monkeypatch, capsys, said):
+    asked = []
+    ask = source.minor_identity
+    monkeypatch.setattr(source, "export_description", lambda h: said)
+    monkeypatch.setattr(source, "minor_identity",
+                        lambda run_dir, minor: asked.append(minor) or ask(run_dir, minor))
+    args = ["--run-dir", chain.run_dir, chain.uri("elastio-snap0"), chain.base / "cow2", image]
+    assert updateimg.main(list(map(str, args))) == 0, capsys.readouterr().err
+    assert asked == [0] * updateimg.WORKERS  # minor 0: from the export's name
+    assert image.read_bytes() == export_bytes(chain, "elastio-snap0")
+
+
+class FakeConnection:
+    def __init__(self, identity: SnapshotId, size: int = SIZE) -> None:
+        self.identity, self.size, self.closed = identity, size, False
+
+    def read(self, length: int, offset: int) -> bytes:
+        raise AssertionError("no connection may be read before all are checked")
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@pytest.mark.parametrize("second", [SnapshotId("ab" * 16, 3), SnapshotId("cd" * 16, 2)],
+                         ids=["next-snapshot", "new-chain"])
+def test_a_connection_to_another_snapshot_is_refused(second):
+    """The boundary itself: Snapshot.readers checks each connection as it opens, before
+    anyone reads; the refused one and all before it are closed."""
+    first = SnapshotId("ab" * 16, 2)
+    made = [FakeConnection(first), FakeConnection(first), FakeConnection(second)]
+    queue = list(made)
+    with pytest.raises(SnapError) as e:
+        with source.Snapshot("fake", lambda: queue.pop(0)) as snap:
+            snap.readers(4)
+    assert e.value.errno == errno.EAGAIN and "run it again" in str(e.value)
+    assert str(first) in str(e.value) and str(second) in str(e.value)
+    assert [c.closed for c in made] == [True, True, True] and len(queue) == 0
+
+
+def test_connections_to_the_same_snapshot_give_one_reader_each():
+    same = SnapshotId("ab" * 16, 2)
+    made = [FakeConnection(same) for _ in range(4)]
+    queue = list(made)
+    with source.Snapshot("fake", lambda: queue.pop(0)) as snap:
+        assert snap.readers(4) == [c.read for c in made]
+        assert (snap.size, snap.identity) == (SIZE, same)
+    assert all(c.closed for c in made)
+
+
+UUID = "0123456789abcdef" * 2
+
+
+@pytest.mark.parametrize("text, found", [
+    (json.dumps({"snapengine": "snapshot", "minor": 4, "uuid": UUID, "seq_id": 2}),
+     SnapshotId(UUID, 2)),
+    (None, None),
+    ("", None),
+    ("snapengine snapshot: minor 4, uuid " + UUID + ", seq_id 2", None),  # prose: not parsed
+    ('{"snapengine"', None),
+    ('["snapengine", "snapshot"]', None),
+    ('{"export": "elastio-snap4"}', None),
+], ids=["ours", "absent", "empty", "prose", "truncated", "list", "other-json"])
+def test_description_parsing(text, found):
+    assert source.described_identity(text, "uri") == found
+
+
+@pytest.mark.parametrize("doc, code", [
+    ({"snapengine": "origin", "path": "/srv/disk0.img"}, errno.EINVAL),
+    ({"snapengine": "snapshot", "minor": 4, "failed": "index checksum"}, errno.EIO),
+    ({"snapengine": "snapshot", "minor": 4, "uuid": UUID[:-1], "seq_id": 2}, errno.EINVAL),
+    ({"snapengine": "snapshot", "minor": 4, "uuid": UUID, "seq_id": "2"}, errno.EINVAL),
+    ({"snapengine": "snapshot", "minor": 4, "uuid": UUID, "seq_id": True}, errno.EINVAL),
+    ({"snapengine": "snapshot", "minor": 4, "uuid": UUID}, errno.EINVAL),
+    ({"snapengine": "dump"}, errno.EINVAL),
+], ids=["origin", "failed", "short-uuid", "string-seq", "bool-seq", "no-seq", "other-kind"])
+def test_description_refusals(doc, code):
+    with pytest.raises(SnapError) as e:
+        source.described_identity(json.dumps(doc), "uri")
+    assert e.value.errno == code and "uri" in str(e.value)

@@ -1,18 +1,17 @@
 """How tests/data/v1-incremental.cow was made (run once, with format version 1).
 
 Not run by the tests: the committed file is the point. Re-running it after a change of
-layout makes a different file, and test_cowfile's sample test says so.
+layout makes a different file, and test_cowfile's sample test says so. Run from the
+repository root: python -m tests.data.make_sample OUT
 """
 
 import os
 import sys
 import tempfile
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
-
-from snapengine.cowfile import CowFile, Header  # noqa: E402
-from snapengine.fileio import FileIO  # noqa: E402
-from snapengine.tracker import IncrementalTracker, SnapshotTracker  # noqa: E402
+from snapengine.cowfile import CowFile, Header
+from snapengine.fileio import FileIO
+from snapengine.tracker import IncrementalTracker, SnapshotTracker
 
 UUID = bytes.fromhex("00112233445566778899aabbccddeeff")
 SIZE = (8 << 20) + 1000

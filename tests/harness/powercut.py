@@ -1,4 +1,4 @@
-"""A disk that remembers what is durable, to simulate power cuts.
+"""A disk that remembers what is durable, to simulate power cuts; and process crashes.
 
 ``Disk.opener`` is handed to the engine in place of ``FileIO.open``. Every file it opens
 is a real file (so flock, fds and reads work as usual) whose writes are also recorded:
@@ -7,6 +7,10 @@ dirty. ``Disk.image()`` then builds what the files would hold after a power cut 
 this instant: the durable content, plus, for each dirty 4 KiB page, the new content,
 the old one, or (torn) a mix of their sectors. The size of a file is its durable size
 or its current one.
+
+A crash of the process alone (kill -9) loses nothing the kernel took: ``crash_image``
+keeps the files' current content before anything is closed, ``restore_image`` puts it
+back once the engine is gone, and a new engine recovers from what a dead process left.
 """
 
 from __future__ import annotations
@@ -131,3 +135,34 @@ class Disk:
                 dst = os.path.join(dst_dir, os.path.relpath(path, src_dir))
                 os.makedirs(os.path.dirname(dst), exist_ok=True)
                 sim.write_image(dst, rng, torn)
+
+
+# -- process crashes (kill -9): every write the kernel took survives ---------------------
+
+def crash_image(top: str) -> dict[str, bytes]:
+    """What a crash of the process (kill -9, same boot) leaves of the files under
+    ``top``, taken now, before anything is closed: their whole current content, synced
+    or not (the page cache keeps it)."""
+    image = {}
+    for parent, _, names in os.walk(top):
+        for name in names:
+            path = os.path.join(parent, name)
+            if os.path.isfile(path) and not os.path.islink(path):
+                with open(path, "rb") as f:
+                    image[path] = f.read()
+    return image
+
+
+def restore_image(top: str, image: dict[str, bytes]) -> None:
+    """Put the files under ``top`` back as ``crash_image`` found them, in place (same
+    inodes where the file still exists); files made since are removed. Call it once
+    the crashed process's files are closed, as the kernel does when it dies."""
+    for parent, _, names in os.walk(top):
+        for name in names:
+            path = os.path.join(parent, name)
+            if path not in image and os.path.isfile(path):
+                os.unlink(path)
+    for path, data in image.items():
+        with open(path, "r+b" if os.path.exists(path) else "wb") as f:
+            f.write(data)
+            f.truncate(len(data))

@@ -1,9 +1,9 @@
-#!/usr/bin/env python3
 """Soak: a real daemon under concurrent load, through a loop of transitions.
 
-    .venv/bin/python bench/soak.py --minutes 10 [--size-mib 32] [--writers 3] [--readers 3]
+    .venv/bin/python -m tests.soak --minutes 10 [--size-mib 32] [--writers 3] [--readers 3]
 
-The same code runs in CI for about a minute (tests/test_soak.py).
+from the repository root (``make soak`` runs it). The same code runs in CI for under a
+minute (tests/test_soak.py).
 
 What runs at once
 -----------------
@@ -52,10 +52,7 @@ from dataclasses import dataclass, field
 import nbd  # type: ignore[import-untyped]
 import xxhash
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tests"))
-
-from support import BIN, Daemon, run
+from tests.harness import Daemon, connect, export_names, run, shutdown_quietly
 
 BLOCK = 4096
 MiB = 1 << 20
@@ -109,21 +106,6 @@ class Stats:
         d["MiB_read"] = round(self.bytes_read / MiB, 1)
         del d["bytes_written"], d["bytes_read"]
         return ", ".join(f"{k} {v}" for k, v in d.items())
-
-
-def connect(uri: str) -> nbd.NBD:
-    h = nbd.NBD()
-    h.connect_uri(uri)
-    return h
-
-
-def close(h: nbd.NBD | None) -> None:
-    if h is None:
-        return
-    try:
-        h.shutdown()
-    except nbd.Error:
-        pass
 
 
 # -- writers ------------------------------------------------------------------------------
@@ -209,7 +191,7 @@ class Writer(threading.Thread):
         except nbd.Error as e:  # the origin must take every change
             self.soak.fail(f"{self.name}: origin {kind} of {length} bytes at {offset} failed: {e}")
         finally:
-            close(self.h)
+            shutdown_quietly(self.h)
 
     # -- the model, advanced by the controller ---------------------------------------
     def apply(self, region: bytearray, entry) -> range:
@@ -316,7 +298,7 @@ class Reader(threading.Thread):
                     return
                 try:
                     if connected_to != epoch.number:
-                        close(h)
+                        shutdown_quietly(h)
                         h, connected_to = connect(soak.d.uri(EXPORT)), epoch.number
                     self.read_once(h, epoch)
                 finally:
@@ -324,7 +306,7 @@ class Reader(threading.Thread):
         except nbd.Error as e:
             soak.fail(f"{self.name}: snapshot read failed in epoch {connected_to}: {e}")
         finally:
-            close(h)
+            shutdown_quietly(h)
 
     def read_once(self, h: nbd.NBD, epoch: Epoch) -> None:
         size, rng, counts = self.soak.size, self.rng, self.counts
@@ -498,8 +480,8 @@ class Soak:
         self.new_point(windows)
         with open(self.backup, "wb") as f:  # a full backup of the new chain's first snapshot
             f.write(self.frozen_image())
-        run([os.path.join(BIN, "update-img"), "--run-dir", self.d.run_dir, "--stamp", "0",
-             self.backup])  # the image now holds snapshot 1 of this chain, not the last one's
+        run(self.d.command("update-img", "--stamp", "0", self.backup))  # the image now
+        # holds snapshot 1 of this chain, not the last one's
 
     def to_incremental(self) -> None:
         self.gate.close()
@@ -508,7 +490,7 @@ class Soak:
         self.stats.to_incremental += 1
         self.mode = "incremental"
         self.info(state=2)
-        if EXPORT in self.export_names():
+        if EXPORT in [name for name, _ in export_names(self.d.uri("disk0"))]:
             self.fail(f"{EXPORT} is still listed in incremental mode")
 
     def to_snapshot(self) -> None:
@@ -537,21 +519,6 @@ class Soak:
         if self.d.info()["devices"]:
             self.fail("destroy left the minor in info")
         self.mode = ""
-
-    def export_names(self) -> list[str]:
-        h = nbd.NBD()
-        h.set_opt_mode(True)
-        h.connect_uri(self.d.uri("disk0"))
-        names: list[str] = []
-
-        def listed(name: str, description: str) -> int:
-            names.append(name)
-            return 0
-        try:
-            h.opt_list(listed)
-        finally:
-            h.opt_abort()
-        return names
 
     def info(self, state: int) -> dict:
         info = self.d.info(0)
@@ -603,7 +570,7 @@ class Soak:
             return b"".join(h.pread(min(READ_CHUNK, self.size - o), o)
                             for o in range(0, self.size, READ_CHUNK))
         finally:
-            close(h)
+            shutdown_quietly(h)
 
     def check_list(self, cow: str, required: set[int]) -> None:
         r = self.d.elioctl("changed-blocks", "--json", cow)
@@ -622,8 +589,7 @@ class Soak:
         self.stats.blocks_per_list += (self.size + BLOCK - 1) // BLOCK
 
     def check_update_img(self, cow: str) -> None:
-        r = run([os.path.join(BIN, "update-img"), "--run-dir", self.d.run_dir, "0", cow,
-                 self.backup], check=False)
+        r = self.d.update_img("0", cow, self.backup)
         if r.returncode != 0:
             self.fail(f"update-img exited {r.returncode}: {r.stderr.strip()}")
             return
@@ -643,7 +609,7 @@ class Soak:
             origin = b"".join(h.pread(min(READ_CHUNK, self.size - o), o)
                               for o in range(0, self.size, READ_CHUNK))
         finally:
-            close(h)
+            shutdown_quietly(h)
         for w in self.writers:
             w.advance(w.acked)
             if origin[w.lo:w.hi] != w.shadow:
