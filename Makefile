@@ -44,6 +44,7 @@ bench: setup
 	$(VPY) -m bench.update_img
 	$(VPY) -m bench.o1_timing
 	$(VPY) -m bench.rss
+	$(VPY) -m bench.fstrim
 
 # Long runs, not in CI: kill -9 rounds, the engine model with many more examples, and
 # the concurrency soak (tests/soak.py; tests/test_soak.py is its short CI version).

@@ -38,7 +38,7 @@ def index_pages(cow: CowFile, nr_slots: int | None = None) -> Iterator[IndexPage
             raw += bytes(n * PAGE_SIZE - len(raw))
             for i in range(n):
                 parsed = IndexPage.parse(page + i, raw[i * PAGE_SIZE:(i + 1) * PAGE_SIZE],
-                                         limit, header.seed, cow.path)
+                                         limit, header.seed, cow.path, header.version >= 2)
                 if parsed.saved or parsed.changed:
                     yield parsed
             page += n

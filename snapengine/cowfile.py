@@ -1,4 +1,4 @@
-"""The COW file, version 1: header, index, saved data. Layout only; no policy.
+"""The COW file, version 2: header, index, saved data. Layout only; no policy.
 
 Design notes
 ------------
@@ -49,7 +49,8 @@ from .fileio import FileIO, fsync_dir
 from .units import BLOCK_SHIFT, BLOCK_SIZE, MiB, align_up, nr_blocks
 
 MAGIC = b"SNAPECOW"  # ASCII "SNAPECOW": identifies a snapengine COW file
-VERSION = 1  # bumped on any change of layout; other versions are refused
+VERSION = 2  # written by this build: version 1 + entries saved as zeros (ZERO, ZERO_AHEAD)
+VERSIONS = (1, 2)  # read by this build; other versions are refused
 
 # header flags
 FLAG_CLEAN = 1 << 0  # index and header complete and synced; no writer since
@@ -93,11 +94,14 @@ PAGE_SIZE = PAGE_BLOCKS * ENTRY_SIZE  # 4096 bytes
 MARK = 0xFFFF_FFFF_FFFF_FFFF  # slot value of a change recorded without data
 AHEAD = 1 << 62  # slot flag: saved ahead with its cluster, not changed (yet)
 SLOT_MASK = AHEAD - 1  # the slot number in a slot field
+ZERO = MARK - 1  # version 2: old content all zeros (no data slot), changed
+ZERO_AHEAD = MARK - 2  # version 2: old content all zeros, not changed (yet)
 INTENT_SHIFT = 26  # log2 of the origin bytes one write-intent bit covers
 INTENT_REGION = 1 << INTENT_SHIFT  # 64 MiB: a power cut can add at most this per dirty bit
 
 SEED_HEADER = 0x5345_4843_4F57_4844  # role of the header checksum
 SEED_MARK = 0x5345_4D41_524B_3031  # role of mark checksums
+SEED_ZERO = 0x5345_5A45_524F_3032  # role of the checksums of entries saved as zeros
 SEED_BITS = (1 << 62) - 1  # mask of the uuid part of block checksum seeds
 
 _xxh3 = xxhash.xxh3_64_intdigest
@@ -173,6 +177,12 @@ def mark_checksums(blocks: Iterable[int], seed: int) -> array:
     return _nonzero(array("Q", map(_xxh3, map(_U64.pack, blocks), repeat(seed ^ SEED_MARK))))
 
 
+def zero_checksums(blocks: Iterable[int], seed: int) -> array:
+    """Checksums of the entries of ``blocks`` saved as zeros: as marks, seeded with
+    seed ^ SEED_ZERO."""
+    return _nonzero(array("Q", map(_xxh3, map(_U64.pack, blocks), repeat(seed ^ SEED_ZERO))))
+
+
 @dataclass
 class Header:
     origin_size: int
@@ -227,9 +237,10 @@ class Header:
         if magic != MAGIC:
             raise SnapError(errno.EINVAL, f"{path}: not a snapengine COW file "
                             f"(magic {magic!r}, expected {MAGIC!r})")
-        if version != VERSION:
+        if version not in VERSIONS:
             raise SnapError(errno.EINVAL, f"{path}: COW format version {version} is not "
-                            f"supported (this build reads version {VERSION})")
+                            f"supported (this build reads versions "
+                            f"{', '.join(map(str, VERSIONS))})")
         actual = xxhash.xxh3_64_intdigest(raw[:HEADER.size - 8], SEED_HEADER)
         if actual != checksum:
             raise SnapError(errno.EUCLEAN, f"{path}: header checksum mismatch at offset "
@@ -246,7 +257,7 @@ class Header:
             problems.append(f"block size {block_size}, expected {BLOCK_SIZE}")
         if header_size != HEADER.size or index_offset != INDEX_OFFSET or reserved:
             problems.append(f"header size {header_size} / index offset {index_offset} "
-                            f"/ reserved {reserved} are not those of version {VERSION}")
+                            f"/ reserved {reserved} are not those of version {self.version}")
         if self.flags & ~FLAGS_KNOWN:
             problems.append(f"unknown flags {self.flags & ~FLAGS_KNOWN:#x}")
         if self.data_offset != data_offset_for(self.origin_size):

@@ -16,6 +16,8 @@ An entry has two facts, *saved* (its slot field names a data slot) and *changed*
     (s, c)                  yes    yes      old content in slot s (1-based), c its checksum
     (s | AHEAD, c)          yes    no       saved ahead with its 64 KiB cluster; not changed
     (MARK, c)               no     yes      changed in incremental mode, c = mark checksum
+    (ZERO, z)               yes    yes      version 2: old content all zeros, no data slot
+    (ZERO_AHEAD, z)         yes    no       version 2: the same, not changed; z = zero checksum
 
 "Changed" is what the change list and ``nr_changed_blocks`` count: an AHEAD entry is
 saved but not changed. In an incremental file the data area is gone, yet its ``(s, c)``
@@ -23,13 +25,15 @@ entries still say "changed" and its AHEAD entries "not changed".
 
 Validity (``classify``, used by every page load): an entry is ``(0, 0)`` or has a
 non-zero slot and a non-zero checksum; a MARK carries the mark checksum of its block;
-any other slot has bit 63 clear and a slot number in 1..nr_slots. One flipped byte in
+in a version 2 file, a ZERO or ZERO_AHEAD carries the zero checksum of its block; any
+other slot has bit 63 clear and a slot number in 1..nr_slots. One flipped byte in
 an entry breaks a rule, or is caught by the block checksum when the data is read.
 
 Changing an entry (``mark_changed``, one implementation for both modes): a saved
-entry loses AHEAD; a block with no entry gets ``(MARK, mark checksum)`` in
+entry loses AHEAD (ZERO_AHEAD becomes ZERO); a block with no entry gets ``(MARK, mark checksum)`` in
 incremental mode, and is left alone in snapshot mode (its copy failed: it must not
-pass for saved). A first touch in snapshot mode writes ``saved_entries`` instead.
+pass for saved). A first touch in snapshot mode writes ``saved_entries`` instead, and
+``zero_entries`` for blocks whose old content is all zeros (a hole of the origin).
 
 Pages: an index page holds PAGE_BLOCKS entries; block b is entry ``b & PAGE_MASK`` of
 page ``b >> PAGE_SHIFT``. A page's per-block facts are ints with bit i for its entry
@@ -43,33 +47,51 @@ from array import array
 from itertools import chain, compress, repeat
 from operator import and_, or_
 
-from .cowfile import AHEAD, MARK, PAGE_BLOCKS, SLOT_MASK, mark_checksum, mark_checksums
+from .cowfile import (
+    AHEAD,
+    MARK,
+    PAGE_BLOCKS,
+    SLOT_MASK,
+    ZERO,
+    ZERO_AHEAD,
+    mark_checksum,
+    mark_checksums,
+    zero_checksums,
+)
 from .errors import SnapError
 
 PAGE_SHIFT = PAGE_BLOCKS.bit_length() - 1  # block >> PAGE_SHIFT is its index page
 assert 1 << PAGE_SHIFT == PAGE_BLOCKS
 PAGE_MASK = PAGE_BLOCKS - 1  # block & PAGE_MASK is its entry in that page
+ZERO_SLOT = 1 << 63  # data_slots' value for an entry saved as zeros (never a slot number)
 
 
 # -- one entry ------------------------------------------------------------------------
+def is_zero(slot: int) -> bool:
+    """Saved as zeros: the old content was all zeros, no data slot (version 2)."""
+    return slot == ZERO or slot == ZERO_AHEAD
+
+
 def is_changed(slot: int) -> bool:
-    """The block was written since the snapshot point (a MARK, or saved without AHEAD)."""
-    return slot == MARK or (slot != 0 and not slot & AHEAD)
+    """The block was written since the snapshot point (a MARK or ZERO, or saved
+    without AHEAD)."""
+    return slot == MARK or slot == ZERO or (slot != 0 and not slot & AHEAD)
 
 
 def is_saved(slot: int) -> bool:
-    """The entry names a data slot (changed or AHEAD)."""
+    """The old content is kept: the entry names a data slot or says "zeros" (changed or
+    ahead)."""
     return slot != 0 and slot != MARK
 
 
 def is_ahead(slot: int) -> bool:
     """Saved ahead with its cluster, not changed."""
-    return slot != MARK and bool(slot & AHEAD)
+    return slot == ZERO_AHEAD or (slot != MARK and slot != ZERO and bool(slot & AHEAD))
 
 
 def slot_number(slot: int) -> int:
     """The data slot an entry names, 0 for none."""
-    return 0 if slot == MARK else slot & SLOT_MASK
+    return 0 if slot >= ZERO_AHEAD else slot & SLOT_MASK
 
 
 def no_entries(n: int) -> array:
@@ -78,18 +100,25 @@ def no_entries(n: int) -> array:
 
 
 # -- entries of a page ----------------------------------------------------------------
-def classify(entries: array, first: int, nr_slots: int, seed: int, path: str) -> tuple[int, int]:
+def classify(entries: array, first: int, nr_slots: int, seed: int, path: str,
+             zeros: bool = True) -> tuple[int, int]:
     """Check every entry (the validity rules above) of ``entries``, the first being
-    block ``first``'s; return the (saved, changed) bits. EUCLEAN names a bad entry."""
+    block ``first``'s; return the (saved, changed) bits. EUCLEAN names a bad entry.
+    ``zeros``: entries saved as zeros may occur (a version 2 file)."""
     slots, csums = entries[0::2], entries[1::2]
     used = list(compress(range(len(slots)), map(or_, slots, csums)))  # C-level scan
     marked = [i for i in used if slots[i] == MARK]
     marks = dict(zip(marked, mark_checksums([first + i for i in marked], seed)))
+    zeroed = [i for i in used if is_zero(slots[i])] if zeros else []
+    marks.update(zip(zeroed, zero_checksums([first + i for i in zeroed], seed)))
     saved = changed = 0
     for i in used:
         slot, csum = slots[i], csums[i]
         if slot == MARK:
             bad = csum != marks[i]
+        elif zeros and is_zero(slot):
+            bad = csum != marks[i]
+            saved |= 1 << i
         else:
             bad = not csum or slot >> 63 or not 0 < slot & SLOT_MASK <= nr_slots
             saved |= 1 << i
@@ -97,7 +126,7 @@ def classify(entries: array, first: int, nr_slots: int, seed: int, path: str) ->
             raise SnapError(errno.EUCLEAN, f"{path}: corrupt index entry for block "
                             f"{first + i} (slot {slot:#x}, checksum {csum:#x}; "
                             f"{nr_slots} slots in use)")
-        if slot == MARK or not slot & AHEAD:
+        if is_changed(slot):
             changed |= 1 << i
     return saved, changed
 
@@ -121,7 +150,9 @@ def mark_changed(entries: array, first: int, bits: int, saved: int, seed: int,
     incremental mode, and stays unchanged in snapshot mode (its copy failed)."""
     if not bits & (bits - 1):  # at most one block: the usual 4 KiB write
         if bits & saved:
-            entries[2 * bits.bit_length() - 2] &= SLOT_MASK
+            j = 2 * bits.bit_length() - 2
+            slot = entries[j]
+            entries[j] = ZERO if slot == ZERO_AHEAD else slot & SLOT_MASK
             return bits
         if not incremental or not bits:
             return 0
@@ -131,7 +162,8 @@ def mark_changed(entries: array, first: int, bits: int, saved: int, seed: int,
     ahead = bits & saved
     for start, length in bit_runs(ahead):
         for i in range(2 * start, 2 * (start + length), 2):
-            entries[i] &= SLOT_MASK
+            slot = entries[i]
+            entries[i] = ZERO if slot == ZERO_AHEAD else slot & SLOT_MASK
     if not incremental:
         return ahead
     for start, length in bit_runs(bits & ~saved):
@@ -154,14 +186,32 @@ def saved_entries(slot: int, p: int, q: int, sums: array) -> tuple[array, int]:
     return entries, ((1 << (q - p)) - 1) << p
 
 
+def zero_entries(block: int, n: int, p: int, q: int, seed: int) -> tuple[array, int]:
+    """Entries of ``n`` consecutive blocks from ``block`` whose old content is all zeros
+    (saved without data): blocks p..q-1 (the write's) ZERO, the others ZERO_AHEAD.
+    Return them and the changed bits (bit 0: the first block)."""
+    entries = no_entries(n)
+    entries[0::2] = array("Q", chain(repeat(ZERO_AHEAD, p), repeat(ZERO, q - p),
+                                     repeat(ZERO_AHEAD, n - q)))
+    entries[1::2] = zero_checksums(range(block, block + n), seed)
+    return entries, ((1 << (q - p)) - 1) << p
+
+
 def data_slots(entries: array) -> array:
-    """The slot numbers of a snapshot file's ``entries`` (no MARK there), 0 where none."""
-    return array("Q", map(and_, entries[0::2], repeat(SLOT_MASK)))
+    """The slot numbers of a snapshot file's ``entries`` (no MARK there): 0 where none,
+    ZERO_SLOT where the entry is saved as zeros."""
+    raw = entries[0::2]
+    slots = array("Q", map(and_, raw, repeat(SLOT_MASK)))
+    if raw and max(raw) >= ZERO_AHEAD:
+        for k, slot in enumerate(raw):
+            if slot == ZERO or slot == ZERO_AHEAD:
+                slots[k] = ZERO_SLOT
+    return slots
 
 
 def top_slot(entries: array) -> int:
     """The highest slot number that ``entries`` name, 0 if none."""
-    return max((s & SLOT_MASK for s in entries[0::2] if s != MARK), default=0)
+    return max((s & SLOT_MASK for s in entries[0::2] if s < ZERO_AHEAD), default=0)
 
 
 # -- page arithmetic ------------------------------------------------------------------

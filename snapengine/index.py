@@ -44,13 +44,14 @@ class IndexPage:
         self.version = 0  # +1 on every change of entries, to detect stale write-backs
 
     @classmethod
-    def parse(cls, number: int, raw: bytes, nr_slots: int, seed: int, path: str) -> "IndexPage":
+    def parse(cls, number: int, raw: bytes, nr_slots: int, seed: int, path: str,
+              zeros: bool = True) -> "IndexPage":
         """Build a page from disk, checking every entry (entry.classify)."""
         entries = _EMPTY_ENTRIES[:]  # exactly PAGE_SIZE of storage
         if raw == _ZERO_PAGE:
             return cls(number, entries, 0, 0)
         memoryview(entries).cast("B")[:] = raw
-        saved, changed = classify(entries, number * PAGE_BLOCKS, nr_slots, seed, path)
+        saved, changed = classify(entries, number * PAGE_BLOCKS, nr_slots, seed, path, zeros)
         return cls(number, entries, saved, changed)
 
     def count(self) -> int:
@@ -134,7 +135,8 @@ class Index:
         self._cond.release()
         try:
             raw = self.cow.read_page(number)
-            page = IndexPage.parse(number, raw, self.slot_limit, header.seed, self.cow.path)
+            page = IndexPage.parse(number, raw, self.slot_limit, header.seed, self.cow.path,
+                                   header.version >= 2)
         finally:
             self._cond.acquire()
             self._loading.discard(number)

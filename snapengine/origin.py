@@ -25,10 +25,17 @@ from .errors import SnapError
 from .fileio import FileIO
 from .units import BLOCK_SHIFT, BLOCK_SIZE
 
+TRIM = "trim"  # the kinds of change before_change is told of
+ZERO = "zero"
+
 
 class Tracker(Protocol):
     def before_write(self, first: int, end: int) -> None:
         """Make blocks [first, end) safe to overwrite. Never raises."""
+
+    def before_change(self, first: int, end: int, kind: str) -> bool:
+        """The same for a trim or write-zeroes (``kind``, tracker.TRIM or ZERO); False:
+        the origin must not apply it (a trim during a snapshot). Never raises."""
 
 
 class WriteGate:
@@ -149,18 +156,19 @@ class Origin:
             gate.leave()
 
     def zero(self, length: int, offset: int, may_trim: bool, fua: bool) -> None:
-        self._change(length, offset, lambda: self.io.zero(offset, length, may_trim), fua)
+        self._change(length, offset, lambda: self.io.zero(offset, length, may_trim), fua, ZERO)
 
     def trim(self, length: int, offset: int, fua: bool) -> None:
-        self._change(length, offset, lambda: self.io.punch(offset, length), fua)
+        self._change(length, offset, lambda: self.io.punch(offset, length), fua, TRIM)
 
-    def _change(self, length: int, offset: int, apply, fua: bool) -> None:
+    def _change(self, length: int, offset: int, apply, fua: bool, kind: str) -> None:
         self.gate.enter()
         try:
             tracker = self.tracker
-            if tracker is not None:
-                tracker.before_write(offset >> BLOCK_SHIFT,
-                                     (offset + length + BLOCK_SIZE - 1) >> BLOCK_SHIFT)
+            if tracker is not None and not tracker.before_change(
+                    offset >> BLOCK_SHIFT, (offset + length + BLOCK_SIZE - 1) >> BLOCK_SHIFT,
+                    kind):
+                return  # dropped (a trim during a snapshot: the content stays)
             apply()
             if fua:
                 self.io.fdatasync()

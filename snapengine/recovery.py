@@ -19,7 +19,7 @@ from array import array
 
 from .changes import index_pages, scan, verify_index
 from .cowfile import FLAG_FAILED, INTENT_REGION, PAGE_BLOCKS, CowFile, block_checksums, boot_id
-from .entry import is_saved, mark_changed, no_entries, slot_number, span_bits, state_bits
+from .entry import is_saved, is_zero, mark_changed, no_entries, slot_number, span_bits, state_bits
 from .errors import SnapError
 from .fileio import FileIO
 from .units import BLOCK_SIZE, nr_blocks
@@ -149,7 +149,7 @@ def drop_unsaved(cow: CowFile, slot_limit: int) -> int:
         first = page.number * PAGE_BLOCKS
         for i in range(PAGE_BLOCKS):
             slot, csum = page.entries[2 * i], page.entries[2 * i + 1]
-            if not is_saved(slot):
+            if not is_saved(slot) or is_zero(slot):  # saved as zeros: no data to lose
                 continue
             data[:] = bytes(BLOCK_SIZE)
             slot = slot_number(slot)

@@ -32,7 +32,7 @@ from typing import Callable
 import xxhash
 
 from .cowfile import CowFile, block_checksums, block_checksums_at
-from .entry import PAGE_MASK, PAGE_SHIFT, SLOT_MASK, data_slots
+from .entry import PAGE_MASK, PAGE_SHIFT, SLOT_MASK, ZERO, ZERO_AHEAD, ZERO_SLOT, data_slots
 from .errors import SnapError
 from .fileio import FileIO
 from .health import Health
@@ -42,6 +42,7 @@ from .units import BLOCK_SHIFT, BLOCK_SIZE
 
 _xxh3 = xxhash.xxh3_64_intdigest  # one saved block's checksum (see cowfile.block_checksums)
 
+_ZERO_BLOCK = bytes(BLOCK_SIZE)
 REUSE_MAX = 1 << 20  # copy buffers up to this size are kept per thread (16 threads: 16 MiB)
 
 _local = threading.local()
@@ -89,10 +90,13 @@ class SnapshotReader:
             page = self.index.peek(first >> PAGE_SHIFT) if length == BLOCK_SIZE else None
             if page is not None and not offset & (BLOCK_SIZE - 1):  # one aligned block
                 i = (first & PAGE_MASK) << 1  # (the usual 4 KiB read: no array built)
-                slot = page.entries[i] & SLOT_MASK
+                raw = page.entries[i]
+                slot = raw & SLOT_MASK
                 if not slot:
                     if self.origin_io.pread_into(buf, offset) != BLOCK_SIZE:
                         self._read_origin(buf, offset)  # says what is wrong
+                elif raw == ZERO or raw == ZERO_AHEAD:  # saved as zeros: no data slot
+                    memoryview(buf).cast("B")[:] = _ZERO_BLOCK
                 elif self.cow.io.pread_into(buf, self.cow.slot_offset(slot)) != BLOCK_SIZE or \
                         (_xxh3(buf, self.seed + first) or 1) != page.entries[i + 1]:
                     self._read(memoryview(buf).cast("B"), offset, first,
@@ -159,10 +163,12 @@ class SnapshotReader:
         while i < n:
             slot = slots[i]
             j = i + 1
-            while j < n and slots[j] == (slot + j - i if slot else 0):
+            while j < n and slots[j] == (slot + j - i if slot and slot != ZERO_SLOT else slot):
                 j += 1
             dst = view[i << BLOCK_SHIFT:j << BLOCK_SHIFT]
-            if slot:
+            if slot == ZERO_SLOT:  # saved as zeros
+                dst[:] = bytes(len(dst))
+            elif slot:
                 if cow.pread_into(dst, slot_base + (slot << BLOCK_SHIFT)) != len(dst):
                     raise SnapError(errno.EIO, f"{self.cow.path}: saved data of blocks "
                                     f"{first + i}-{first + j - 1} (slot {slot}) is truncated")
@@ -176,11 +182,14 @@ class SnapshotReader:
         """Every saved block of ``view`` (blocks from ``first``) against its checksum,
         in one C-level pass; EIO names the first that fails."""
         n = len(slots)
-        if not slots.count(0):
+        zeros = slots.count(ZERO_SLOT)
+        if not slots.count(0) and not zeros:
             sums, csums = block_checksums(view, first, self.seed), entries[1::2]
             where = list(range(n))
-        else:  # only the saved blocks carry checksums
+        else:  # only the blocks saved with data carry block checksums
             where = list(compress(range(n), slots))
+            if zeros:
+                where = [k for k in where if slots[k] != ZERO_SLOT]
             sums = block_checksums_at(view, where, first, self.seed)
             csums = array("Q", [entries[2 * k + 1] for k in where])
         if sums != csums:

@@ -47,6 +47,14 @@ fails the snapshot. ``error`` is set, waiting writers are released, every later 
 goes straight to the origin, reads answer EIO. The write that met the error succeeds:
 the origin never loses a write.
 
+Trims and write-zeroes (``before_change``; docs/design.md has the table and why it
+keeps both promises): during a snapshot a trim is dropped (NBD lets a server ignore
+one: nothing changes, nothing is saved or marked); a write-zeroes saves the data it
+overwrites and records blocks of zeros as ZERO_AHEAD (no slot, not marked). On every
+first touch of a version 2 file, a file origin's holes are saved as zeros, without a
+copy (oldzeros.py finds them, before the claim). In incremental mode both are applied
+and the blocks that held data are marked.
+
 No lock is held across I/O: page loads and write-backs (index.py), data copies and
 intent syncs release it.
 """
@@ -59,19 +67,32 @@ import threading
 from collections import deque
 
 from .cowfile import FLAG_CLEAN, FLAG_FAILED, FLAG_INCREMENTAL, CowFile, block_checksums, boot_id
-from .entry import PAGE_MASK, PAGE_SHIFT, mark_changed, saved_entries
+from .entry import (
+    PAGE_MASK,
+    PAGE_SHIFT,
+    bit_runs,
+    mark_changed,
+    saved_entries,
+    span_bits,
+    zero_entries,
+)
 from .errors import SnapError
 from .fileio import FileIO, GroupSync
 from .health import Health
 from .index import Index
 from .intents import WriteIntents
+from .oldzeros import data_runs, old_zeros, split_runs
 from .ordering import Claim, Ordering
+from .origin import TRIM
 from .snapread import SnapshotReader, copy_buffer
 from .units import BLOCK_SHIFT, BLOCK_SIZE, nr_blocks
 
 log = logging.getLogger(__name__)
 
 COPY_BLOCKS = 16  # blocks saved together on a first touch: 64 KiB clusters, as qemu
+ZERO_CHUNK = 256  # blocks of a write-zeroes read and saved at a time (1 MiB)
+
+
 MARK_BATCH = 64  # queued change marks applied together, under one lock
 MARK_CAP = 4096  # queued marks beyond which a writer waits to apply them
 
@@ -93,6 +114,7 @@ class CowTracker:
         self.origin_io = origin_io
         self.seed = cow.header.seed
         self.nr_blocks = nr_blocks(cow.header.origin_size)
+        self.origin_size = cow.header.origin_size
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self.index = Index(cow, self._cond, max_cache_bytes)
@@ -126,6 +148,19 @@ class CowTracker:
             self._mark_changed(first, end)
         except Exception as e:  # the write goes on; the snapshot says it is broken
             self.fail(e)
+
+    def before_change(self, first: int, end: int, kind: str) -> bool:
+        """A trim or write-zeroes (``kind``) of blocks [first, end) is about to be
+        applied; return whether the origin applies it. Never raises. Here (incremental
+        mode): applied, and the blocks that held data are marked changed."""
+        if first >= end or self.health.error:
+            return True
+        try:
+            for lo, hi in data_runs(self.origin_io, self.origin_size, first, end):
+                self._mark_changed(lo, hi)
+        except Exception as e:
+            self.fail(e)
+        return True
 
     def _save(self, first: int, end: int) -> None:
         """Snapshot mode: copy what is not saved yet (steps 2 to 4)."""
@@ -245,19 +280,43 @@ class SnapshotTracker(CowTracker):
     def __init__(self, cow: CowFile, origin_io: FileIO, max_cache_bytes: int,
                  health: Health | None = None) -> None:
         super().__init__(cow, origin_io, max_cache_bytes, health)
+        self.zeros_ok = cow.header.version >= 2  # entries saved as zeros may be written
         self.reader = SnapshotReader(cow, origin_io, self.index, self.order, self.health,
                                      self.fail)
         self.read = self.reader.read  # bound once: the export calls it with no hop between
 
-    def _save(self, first: int, end: int) -> None:
+    def before_change(self, first: int, end: int, kind: str) -> bool:
+        """A trim is dropped; a write-zeroes saves what it would change (the design
+        notes): blocks whose old content is zeros are saved as zeros, and not marked."""
+        if self.health.error:
+            return True  # failed: the origin is served untracked
+        if kind == TRIM:
+            return False
+        try:
+            for lo in range(first, end, ZERO_CHUNK):
+                hi = min(lo + ZERO_CHUNK, end)
+                kept = self._save(lo, hi, zeroing=True)
+                for a, n in bit_runs(span_bits(0, hi - lo) & ~kept):
+                    self._mark_changed(lo + a, lo + a + n)
+        except Exception as e:
+            self.fail(e)
+        return True
+
+    def _save(self, first: int, end: int, zeroing: bool = False) -> int:
+        """Save what is not saved yet in the clusters of [first, end) (steps 2 to 4).
+        Return the bits (bit 0: block ``first``) of the request's blocks saved as zeros
+        whose content a write-zeroes (``zeroing``) leaves as it was."""
         lo = first & ~(COPY_BLOCKS - 1)  # whole clusters: their neighbours come along
         hi = min(-(-end // COPY_BLOCKS) * COPY_BLOCKS, self.nr_blocks)
+        zeros, data = 0, None
+        if self.zeros_ok and not self._all_saved(lo, hi):
+            zeros, data = old_zeros(self.origin_io, self.origin_size, lo, hi, zeroing)
         with self._lock:
-            claim = self._claim(lo, hi)
+            claim = self._claim(lo, hi, zeros)
         if claim is None:
-            return
+            return 0
         try:
-            self._copy(claim, first, end)
+            kept = self._copy(claim, first, end, data, lo, zeroing)
         except BaseException:
             with self._lock:
                 self._release(claim)
@@ -270,8 +329,18 @@ class SnapshotTracker(CowTracker):
                 Index.mark(claim.pages, block, n, changed)  # SAVED
                 self._nr_changed += changed.bit_count()
             self._release(claim)
+        return kept >> (first - lo) & span_bits(0, end - first)
 
-    def _claim(self, first: int, end: int) -> Claim | None:
+    def _all_saved(self, lo: int, hi: int) -> bool:
+        """Lock-free and possibly stale (bits only get set): [lo, hi) is saved already."""
+        number = lo >> PAGE_SHIFT
+        if (hi - 1) >> PAGE_SHIFT != number:
+            return False
+        page = self.index.peek(number)
+        want = span_bits(0, hi - lo)
+        return page is not None and page.saved >> (lo & PAGE_MASK) & want == want
+
+    def _claim(self, first: int, end: int, zeros: int = 0) -> Claim | None:
         while True:
             if self.health.error or self.order.closed:
                 return None
@@ -283,7 +352,7 @@ class SnapshotTracker(CowTracker):
             if not self.order.overlaps(lo, hi):
                 break
             self.order.wait()
-        claim = Claim(lo, hi, self._allocate(todo), pages)
+        claim = Claim(lo, hi, self._allocate(todo, zeros, first), pages)
         for page in pages:
             page.pins += 1
         self.order.add(claim)
@@ -294,36 +363,64 @@ class SnapshotTracker(CowTracker):
             page.pins -= 1
         self.order.release(claim)
 
-    def _allocate(self, todo: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
-        n = todo[0][1] if len(todo) == 1 else sum(count for _, count in todo)
+    def _allocate(self, todo: list[tuple[int, int]], zeros: int = 0,
+                  base: int = 0) -> list[tuple[int, int, int]]:
+        """Runs (block, count, first slot) of ``todo``; slot 0 for a run saved as zeros
+        (``zeros``: bits from block ``base``), which needs no slot and no data."""
+        runs = [(block, n, -1) for block, n in todo] if not zeros else \
+            [run for block, n in todo for run in split_runs(block, n, zeros >> (block - base))]
+        need = todo[0][1] if not zeros and len(todo) == 1 else \
+            sum(n for _, n, slot in runs if slot)
         limit = self.cow.header.fallocate
-        if (self.next_slot - 1 + n) * BLOCK_SIZE > limit:
+        if (self.next_slot - 1 + need) * BLOCK_SIZE > limit:
             raise SnapError(errno.EFBIG, f"COW file {self.cow.path} reached its limit of "
                             f"{limit} bytes (-f); the snapshot can no longer be kept")
-        runs = []
-        for block, count in todo:
-            runs.append((block, count, self.next_slot))
-            self.next_slot += count
+        out = []
+        for block, n, slot in runs:
+            if slot:
+                out.append((block, n, self.next_slot))
+                self.next_slot += n
+            else:
+                out.append((block, n, 0))
         self.index.slot_limit = self.next_slot - 1
-        return runs
+        return out
 
-    def _copy(self, claim: Claim, first: int, end: int) -> None:
+    def _copy(self, claim: Claim, first: int, end: int, data: memoryview | None = None,
+              base: int = 0, zeroing: bool = False) -> int:
         """Step 3: old data to its slots, then the entries; blocks outside [first, end)
-        are saved AHEAD (not changed)."""
+        are saved AHEAD (not changed). ``data``: the old content of the blocks from
+        ``base``, if already read. Return the bits (from ``base``) of the blocks saved as
+        zeros whose content a write-zeroes keeps."""
+        kept = 0
         for block, n, slot in claim.runs:
-            data = copy_buffer(n << BLOCK_SHIFT)
-            got = self.origin_io.pread_into(data, block << BLOCK_SHIFT)
-            if got < len(data):  # the origin's last, partial block: pad with zeroes
-                data[got:] = bytes(len(data) - got)
             p = min(max(first - block, 0), n)  # blocks before the request: ahead
             q = min(max(end - block, p), n)  # from here on: ahead again
-            entries, changed = saved_entries(slot, p, q, block_checksums(data, block, self.seed))
-            self.cow.write_data(slot, data)
+            if not slot:  # old content all zeros: an entry, no data
+                if zeroing:  # zeros over zeros: nothing changes
+                    p = q = 0
+                    kept |= span_bits(0, n) << (block - base)
+                entries, changed = zero_entries(block, n, p, q, self.seed)
+            else:
+                buf = self._old_data(block, n, data, base)
+                entries, changed = saved_entries(slot, p, q,
+                                                 block_checksums(buf, block, self.seed))
+                self.cow.write_data(slot, buf)
             self.cow.write_entries(block, entries)
             claim.entries.append(entries)
             claim.changed.append(changed)
         if self.durable:  # old data and entries reach the disk before the overwrite can
             self.group_sync.sync()
+        return kept
+
+    def _old_data(self, block: int, n: int, data: memoryview | None, base: int) -> memoryview:
+        """The old content of blocks [block, block + n): from ``data`` or the origin."""
+        if data is not None:
+            return data[(block - base) << BLOCK_SHIFT:(block - base + n) << BLOCK_SHIFT]
+        buf = copy_buffer(n << BLOCK_SHIFT)
+        got = self.origin_io.pread_into(buf, block << BLOCK_SHIFT)
+        if got < len(buf):  # the origin's last, partial block: pad with zeroes
+            buf[got:] = bytes(len(buf) - got)
+        return buf
 
     def mark_incremental(self, clean: bool) -> None:
         """The header says "incremental": every mark written and the index synced first
@@ -333,11 +430,6 @@ class SnapshotTracker(CowTracker):
         self.index.flush()
         self.cow.sync()
         self.checkpoint(clean, flags=self.cow.header.flags | FLAG_INCREMENTAL)
-
-    def become_incremental(self, clean: bool) -> None:
-        """``mark_incremental``, then the data dropped (for a tracker nobody reads)."""
-        self.mark_incremental(clean)
-        self.cow.release_data()
 
 
 class IncrementalTracker(CowTracker):

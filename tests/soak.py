@@ -8,9 +8,11 @@ minute (tests/test_soak.py).
 What runs at once
 -----------------
 * Writer threads, each with its own libnbd connection to the origin, each owning a
-  block-aligned region of it: writes (some with FUA, some unaligned), write-zeroes,
-  trims and flushes, each logged before it is sent (so the log is the order of the
-  origin's changes in that region).
+  block-aligned region of it: writes (some with FUA, some unaligned), write-zeroes
+  and flushes, each logged before it is sent (so the log is the order of the origin's
+  changes in that region). No trims: what a trimmed range reads is unspecified (during a
+  snapshot the daemon drops them), so the model could not check the origin after one;
+  tests/test_trim.py and the engine model cover them.
 * Reader threads, each with its own connection to ``elastio-snap0``, reading random
   ranges and comparing every block (xxhash per block) with the image frozen at the
   snapshot point.
@@ -79,7 +81,6 @@ def blocks_of(offset: int, length: int) -> range:
 class Stats:
     writes: int = 0
     zeroes: int = 0
-    trims: int = 0
     flushes: int = 0
     bytes_written: int = 0
     reads: int = 0
@@ -150,7 +151,7 @@ class Writer(threading.Thread):
         """Mostly small changes in a hot window that wanders, some anywhere in the region:
         so each interval between two snapshots changes part of the origin, not all."""
         rng, size = self.rng, self.hi - self.lo
-        kind = rng.choices(("write", "fua", "zero", "trim", "flush"), (80, 6, 5, 5, 4))[0]
+        kind = rng.choices(("write", "fua", "zero", "flush"), (80, 6, 10, 4))[0]
         length = min(size, rng.choices((512, BLOCK, 2 * BLOCK, 3 * BLOCK + 100, 16 * BLOCK,
                                         64 * 1024, 256 * 1024), (15, 40, 15, 15, 8, 5, 2))[0])
         if rng.random() < 0.0005:
@@ -180,12 +181,9 @@ class Writer(threading.Thread):
                 if data is not None:
                     self.h.pwrite(data, offset, flags)
                     counts["writes"] += 1
-                elif kind == "zero":
-                    self.h.zero(length, offset)
-                    counts["zeroes"] += 1
                 else:
-                    self.h.trim(length, offset)
-                    counts["trims"] += 1
+                    self.h.zero(length, offset)  # may punch a hole (no NO_HOLE flag)
+                    counts["zeroes"] += 1
                 counts["bytes_written"] += length
                 self.acked += 1
         except nbd.Error as e:  # the origin must take every change
@@ -194,10 +192,19 @@ class Writer(threading.Thread):
             shutdown_quietly(self.h)
 
     # -- the model, advanced by the controller ---------------------------------------
-    def apply(self, region: bytearray, entry) -> range:
+    def apply(self, region: bytearray, entry):
+        """Apply one change to ``region``; return the blocks it may have changed: a
+        write's, and those where a write-zeroes met bytes that were not zeros (zeros over
+        zeros change nothing, and the daemon need not list them)."""
         _, offset, length, data = entry
         lo = offset - self.lo
-        region[lo:lo + length] = data if data is not None else bytes(length)
+        if data is None:
+            blocks = [b for b in blocks_of(offset, length)
+                      if any(region[max(lo, (b * BLOCK) - self.lo):
+                                    min(lo + length, (b + 1) * BLOCK - self.lo)])]
+            region[lo:lo + length] = bytes(length)
+            return blocks
+        region[lo:lo + length] = data
         return blocks_of(offset, length)
 
     def advance(self, index: int) -> set[int]:

@@ -312,12 +312,14 @@ class TestErrors:
 
 
 def test_to_incremental_when_the_snapshot_has_failed(d, tmp_path):
-    """-f 1 and 2 MiB written through NBD: the snapshot fails with EFBIG (the write does
-    not); transition-to-incremental is then refused with EINVAL."""
+    """-f 1 and 2 MiB of data overwritten through NBD: the snapshot fails with EFBIG (the
+    write does not); transition-to-incremental is then refused with EINVAL."""
     nbd = pytest.importorskip("nbd")
-    d.elioctl("setup-snapshot", "-f", "1", "disk0", str(tmp_path / "cow0"), "0")
     h = nbd.NBD()
     h.connect_uri(d.uri("disk0"))
+    h.pwrite(os.urandom(2 * MiB), 0)  # data: a first write into holes saves nothing
+    h.flush()
+    d.elioctl("setup-snapshot", "-f", "1", "disk0", str(tmp_path / "cow0"), "0")
     try:
         h.pwrite(os.urandom(2 * MiB), 0)
         h.flush()

@@ -51,7 +51,7 @@ from snapengine import index as index_module
 from snapengine.cowfile import CowFile
 from snapengine.engine import Engine
 from snapengine.index import PAGE_COST
-from snapengine.tracker import COPY_BLOCKS
+from snapengine.tracker import COPY_BLOCKS, ZERO_CHUNK
 from snapengine.units import BLOCK_SIZE, MiB, blocks_spanning, nr_blocks
 from tests.harness.powercut import crash_image, restore_image
 
@@ -141,7 +141,8 @@ class SnapModel:
     uuid: str
     frozen: bytes | None  # the origin at the snapshot point; None in incremental mode
     touched: set[int]  # blocks changed since the current snapshot point
-    saved: set[int]  # blocks whose old data the current snapshot keeps (its slots)
+    saved: set[int]  # blocks whose old content the current snapshot keeps
+    slots: int = 0  # of those, the ones kept as data (the others are holes or zeros)
     export: object | None = None  # an open elastio-snapN connection in snapshot mode
     seq_id: int = 1
     failed: bool = False
@@ -225,26 +226,73 @@ class EngineModel(RuleBasedStateMachine):
     def draw_handle(self, data):
         return self.handles[data.draw(indexes(len(self.handles)), label="client")]
 
-    def change(self, offset: int, length: int, content: bytes | None) -> None:
-        """Record a write (``content``) or a zero/trim (None) in the model."""
-        self.model[offset:offset + length] = content if content is not None else bytes(length)
+    def holes(self, first: int, end: int) -> set[int]:
+        """Blocks of [first, end) wholly in a hole of the origin file, as SEEK_DATA says."""
+        fd = os.open(self.origin_path, os.O_RDONLY)
+        try:
+            data: set[int] = set()
+            pos, stop = first * BLOCK_SIZE, min(end * BLOCK_SIZE, self.size)
+            while pos < stop:
+                try:
+                    start = os.lseek(fd, pos, os.SEEK_DATA)
+                except OSError:  # ENXIO: no data from pos on
+                    break
+                if start >= stop:
+                    break
+                pos = min(os.lseek(fd, start, os.SEEK_HOLE), stop)
+                data |= set(range(start // BLOCK_SIZE, -(-pos // BLOCK_SIZE)))
+            return set(range(first, end)) - data
+        finally:
+            os.close(fd)
+
+    def zeros(self, blocks) -> set[int]:
+        """Of ``blocks``, those whose content (in the model) is all zeros."""
+        return {b for b in blocks
+                if not any(self.model[b * BLOCK_SIZE:(b + 1) * BLOCK_SIZE])}
+
+    def change(self, offset: int, length: int, content: bytes | None, kind: str = "write") -> None:
+        """Record a write (``content``), a zero or a trim (``kind``) in the model, before it
+        is sent (the model's origin is still the old one)."""
         s = self.snap
-        if s is None or s.failed:
-            return
+        tracked = s is not None and not s.failed
+        if kind == "trim" and tracked and s.snapshot:
+            return  # dropped during a snapshot: the content stays, nothing changes
         first, end = blocks_spanning(offset, length)
-        if s.snapshot:
-            # The first touch of a block saves its whole 64 KiB cluster (COPY_BLOCKS), one
-            # slot per block not saved yet. A write that would need more slots than -f
-            # allows fails the snapshot (EFBIG) and is itself not counted.
-            lo = first // COPY_BLOCKS * COPY_BLOCKS
-            hi = min(-(-end // COPY_BLOCKS) * COPY_BLOCKS, nr_blocks(self.size))
-            saved = s.saved | set(range(lo, hi))
-            if len(saved) * BLOCK_SIZE > s.fallocate:
-                s.failed = True
-                event("snapshot failed with EFBIG")
-                return
-            s.saved = saved
-        s.touched |= set(range(first, end))
+        if tracked and s.snapshot:
+            step = ZERO_CHUNK if kind == "zero" else end - first  # a write-zeroes: by chunks
+            for lo in range(first, end, step):
+                hi = min(lo + step, end)
+                touched = self.save(s, lo, hi, kind) if kind == "zero" or \
+                    set(range(lo, hi)) - s.saved else set(range(lo, hi))
+                if touched is None:
+                    break
+                s.touched |= touched
+        elif tracked:  # incremental: a trim or write-zeroes marks the blocks that held data
+            s.touched |= set(range(first, end)) - (self.holes(first, end) if kind != "write"
+                                                   else set())
+        self.model[offset:offset + length] = content if content is not None else bytes(length)
+
+    def save(self, s: SnapModel, first: int, end: int, kind: str) -> set[int] | None:
+        """A first touch during a snapshot: the whole 64 KiB cluster (COPY_BLOCKS) of each
+        block is saved; holes (and, for a write-zeroes, blocks of zeros) without a slot.
+        Return the blocks it changes; None if it needs more slots than -f allows: the
+        snapshot fails (EFBIG) and the change is not counted."""
+        lo = first // COPY_BLOCKS * COPY_BLOCKS
+        hi = min(-(-end // COPY_BLOCKS) * COPY_BLOCKS, nr_blocks(self.size))
+        new = set(range(lo, hi)) - s.saved
+        zeros = self.holes(lo, hi) & new
+        if kind == "zero":
+            zeros |= self.zeros(new)
+        slots = s.slots + len(new - zeros)
+        if slots * BLOCK_SIZE > s.fallocate:
+            s.failed = True
+            event("snapshot failed with EFBIG")
+            return None
+        s.saved |= new
+        s.slots = slots
+        event("first touch saved a hole or zeros" if zeros else "first touch saved data")
+        touched = set(range(first, end))
+        return touched - zeros if kind == "zero" else touched
 
     def expect_error(self, err: int, func, *args, **kw) -> None:
         with pytest.raises(OSError) as e:
@@ -269,22 +317,22 @@ class EngineModel(RuleBasedStateMachine):
     def write(self, data, seed: int, fill: int | None, fua: bool) -> None:
         offset, length = self.draw_range(data, MAX_IO)
         buf = payload(seed, fill, length)
-        self.draw_handle(data).pwrite(buf, offset, fua)
         self.change(offset, length, buf)
+        self.draw_handle(data).pwrite(buf, offset, fua)
 
     @precondition(lambda self: self.handles)
     @rule(data=st.data(), may_trim=st.booleans(), fua=st.booleans())
     def zero(self, data, may_trim: bool, fua: bool) -> None:
         offset, length = self.draw_range(data, self.size)
+        self.change(offset, length, None, "zero")
         self.draw_handle(data).zero(length, offset, may_trim, fua)
-        self.change(offset, length, None)
 
     @precondition(lambda self: self.handles)
     @rule(data=st.data(), fua=st.booleans())
     def trim(self, data, fua: bool) -> None:
         offset, length = self.draw_range(data, self.size)
+        self.change(offset, length, None, "trim")  # applied: a punched hole reads zeroes
         self.draw_handle(data).trim(length, offset, fua)
-        self.change(offset, length, None)  # a punched hole of a file reads as zeroes
 
     @precondition(lambda self: self.handles)
     @rule(data=st.data())
@@ -371,7 +419,7 @@ class EngineModel(RuleBasedStateMachine):
         s.fallocate = fallocate_mb * self.mb if fallocate_mb else self.default_fallocate()
         s.seq_id += 1
         s.frozen = bytes(self.model)
-        s.touched, s.saved = set(), set()
+        s.touched, s.saved, s.slots = set(), set(), 0
         s.over_count = False
         self.open_snapshot_export()
 
@@ -546,7 +594,7 @@ class EngineModel(RuleBasedStateMachine):
         state = (1 if s.snapshot else 0) + (2 if self.active else 0)
         expected = {"minor": s.minor, "cow_file": s.cow_path, "block_device": self.origin_path,
                     "max_cache": s.max_cache, "fallocate": s.fallocate, "seq_id": s.seq_id,
-                    "uuid": s.uuid, "version": 1, "nr_changed_blocks": len(s.touched),
+                    "uuid": s.uuid, "version": 2, "nr_changed_blocks": len(s.touched),
                     "state": state}
         if s.untracked:  # no COW file open: nothing from its header
             for key in ("fallocate", "seq_id", "uuid", "version", "nr_changed_blocks"):
@@ -559,6 +607,17 @@ class EngineModel(RuleBasedStateMachine):
                 f"{counted} changed blocks counted, {len(s.touched)} touched"
             expected["nr_changed_blocks"] = counted
         assert devices == [expected]
+
+    @invariant()
+    def data_slots_only_for_data(self) -> None:
+        """The COW file holds data for exactly the saved blocks whose old content was
+        data: holes, and zeros met by a write-zeroes, take no slot."""
+        s = self.snap
+        if s is None or s.untracked or s.failed or not s.snapshot:
+            return
+        tracker = self.engine.minors[s.minor].tracker
+        assert tracker.nr_slots == s.slots, \
+            f"{tracker.nr_slots} data slots used, {s.slots} saved blocks held data"
 
     @invariant()
     def cache_within_bound(self) -> None:
@@ -649,10 +708,12 @@ def test_concurrent_writes_and_snapshot_reads(tmp_path, seed):
             for round_ in range(8):
                 frozen = read_all(clients[0], size)
                 e.setup_snapshot(ORIGIN, str(tmp_path / f"cow{round_}"), 1)
-                touched = writes_against_reads(e, clients, frozen, rng)
+                written, zeroed = writes_against_reads(e, clients, frozen, rng)
                 assert read_all(e.open_export(snapshot_export(1), True), size) == frozen
                 info = e.info(1)
-                assert "error" not in info and info["nr_changed_blocks"] == len(touched)
+                # zeroes over blocks of zeros change nothing: they need not be counted
+                assert "error" not in info and \
+                    len(written) <= info["nr_changed_blocks"] <= len(written | zeroed), info
                 e.destroy(1)
         finally:
             for h in clients:
@@ -660,12 +721,13 @@ def test_concurrent_writes_and_snapshot_reads(tmp_path, seed):
 
 
 def writes_against_reads(e: Engine, clients: list, frozen: bytes, rng: random.Random,
-                         hot: int = 512 * 1024) -> set[int]:
+                         hot: int = 512 * 1024) -> tuple[set[int], set[int]]:
     """150 requests per client, most in the first ``hot`` bytes (so they overlap), while
     two threads read minor 1's snapshot and compare with ``frozen``; return the blocks
-    the requests touched."""
+    written, and those only zeroed (trims, dropped during a snapshot, change none)."""
     size = len(frozen)
     touched: set[int] = set()
+    zeroed: set[int] = set()
     done = threading.Event()
     reads = []
 
@@ -679,11 +741,12 @@ def writes_against_reads(e: Engine, clients: list, frozen: bytes, rng: random.Ra
             op = r.random()
             if op < 0.7:
                 h.pwrite(r.randbytes(length), offset, r.random() < 0.1)
+                touched.update(touched_blocks(offset, length))
             elif op < 0.85:
                 h.zero(length, offset, r.random() < 0.5, False)
+                zeroed.update(touched_blocks(offset, length))
             else:
                 h.trim(length, offset, False)
-            touched.update(touched_blocks(offset, length))
 
     def writers() -> None:
         try:
@@ -706,7 +769,7 @@ def writes_against_reads(e: Engine, clients: list, frozen: bytes, rng: random.Ra
     run_threads([writers] + [functools.partial(reader, random.Random(rng.random()))
                              for _ in range(2)])
     assert reads, "no snapshot read overlapped the writes"
-    return touched
+    return touched, zeroed
 
 
 def test_write_racing_transition_to_snapshot(tmp_path):

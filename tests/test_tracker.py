@@ -117,7 +117,8 @@ def test_both_modes_mark_ahead_entries_changed(tmp_path):
         snap.before_write(0, 1)  # saves blocks 0-15; 1-15 AHEAD
         snap.before_write(3, 4)  # AHEAD: cleared, no copy
         assert snap.nr_changed == 2 and snap.nr_slots == 16
-        snap.become_incremental(clean=False)
+        snap.mark_incremental(clean=False)
+        cow.release_data()
         incr = IncrementalTracker(cow, origin, MiB)
         incr.before_write(5, 7)  # AHEAD from the snapshot phase
         incr.before_write(100, 101)  # no entry: a MARK

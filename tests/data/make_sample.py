@@ -23,10 +23,11 @@ def main(out: str) -> None:
         with open(origin_path, "wb") as f:
             f.write(bytes(range(256)) * (SIZE // 256) + bytes(SIZE % 256))
         origin = FileIO.open(origin_path, os.O_RDWR)
-        cow = CowFile.create(out, Header(SIZE, UUID, 1, 1 << 20))
+        cow = CowFile.create(out, Header(SIZE, UUID, 1, 1 << 20, version=1))
         snap = SnapshotTracker(cow, origin, 1 << 20)
         snap.before_write(0, 4)
-        snap.become_incremental(clean=False)
+        snap.mark_incremental(clean=False)
+        cow.release_data()
         incr = IncrementalTracker(cow, origin, 1 << 20)
         incr.before_write(256, 259)
         incr.before_write(2048, 2049)
