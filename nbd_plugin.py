@@ -78,7 +78,11 @@ def config_complete():
 
 @_callback
 def get_ready():
-    daemon.start()  # origins opened, minors resumed: before any client is accepted
+    try:
+        daemon.start()  # origins opened, minors resumed: before any client is accepted
+    except OSError as e:  # a busy origin, say: the reason, as one line in the log
+        log.error("cannot start: %s", e)
+        raise
 
 
 @_callback

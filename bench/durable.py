@@ -33,7 +33,7 @@ def first_touch(d: Daemon, work: str, w: Workload, pass_bytes: int, size: int,
                 repeat: int) -> float:
     """IOPS of one first-touch pass on a fresh snapshot (destroyed afterwards)."""
     cow = os.path.join(work, f"cow-{os.path.basename(d.run_dir)}-{w.bs}-{repeat}")
-    d.elioctl("setup-snapshot", "-f", str(size // MiB + 1), ORIGIN_NAME, cow, MINOR)
+    d.elioctl("setup-snapshot", "-f", str(-(-size // MiB)), ORIGIN_NAME, cow, MINOR)
     try:
         return run_fio(d.uri(ORIGIN_NAME), w, 0, pass_bytes, repeat).iops
     finally:

@@ -372,7 +372,7 @@ class Bench:
         """snapengine minor 0 on the image: a fresh snapshot (or incremental) for the
         scenario, its counters recorded after, destroyed (COW file unlinked)."""
         cow = self._next_path("cow")
-        limit_mb = str(self.s.size // MiB + 1)  # room to copy every block
+        limit_mb = str(-(-self.s.size // MiB))  # room to copy every block
         self.elioctl("setup-snapshot", "-f", limit_mb, ORIGIN_NAME, cow, MINOR)
         try:
             if incremental:

@@ -200,6 +200,19 @@ def show_help(args: argparse.Namespace) -> None:
     build_parser().print_help()
 
 
+def error_line(e: OSError) -> str:
+    """``<strerror>: <what>`` for any OSError: a SnapError's own detail, else the file it
+    names (an open() refused by permissions, say), else its message."""
+    if isinstance(e, SnapError):
+        return str(e)
+    strerror = e.strerror or os.strerror(e.errno or errno.EIO)
+    if e.filename is not None:
+        names = [os.fsdecode(n) for n in (e.filename, e.filename2) if n is not None]
+        return f"{strerror}: {' -> '.join(names)}"
+    detail = str(e) if e.strerror is None else ""
+    return f"{strerror}: {detail}" if detail else strerror
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
@@ -216,8 +229,8 @@ def main(argv: list[str] | None = None) -> int:
         return errno.EINVAL
     try:
         args.func(args)
-    except SnapError as e:
-        print(f"elioctl: {args.command}: {e}", file=sys.stderr)
+    except OSError as e:  # SnapError, or a file it cannot read (EACCES): one line
+        print(f"elioctl: {args.command}: {error_line(e)}", file=sys.stderr)
         return e.errno or errno.EIO
     except KeyboardInterrupt:
         return errno.EINTR

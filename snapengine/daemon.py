@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 import threading
+from logging.handlers import WatchedFileHandler
 from typing import Any
 
 from .control import ControlServer
@@ -30,13 +31,14 @@ LOG_FORMAT = "%(asctime)s %(levelname)s (%(threadName)s) [%(name)s] %(message)s"
 SUPERVISOR_POLL = 0.2  # seconds between checks that the supervisor is alive
 ORPHAN_GRACE = 10.0  # seconds an orphaned daemon gets to close its COW files, then exits
 KEYS = ("run_dir", "origins", "max_minors", "cache_default", "fallocate_percent", "tcp",
-        "log", "verbose", "durable", "supervisor")
+        "log", "verbose", "durable", "supervisor", "state_dir")
 
 
 def setup_logging(verbose: bool, log_file: str | None) -> None:
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if log_file:
-        handlers.append(logging.FileHandler(log_file))
+        os.makedirs(os.path.dirname(log_file) or ".", exist_ok=True)
+        handlers.append(WatchedFileHandler(log_file))  # reopened once logrotate moves it
     for h in handlers:
         h.setFormatter(logging.Formatter(LOG_FORMAT))
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=handlers,
@@ -76,10 +78,14 @@ class Daemon:
                              cache_default_mb=int(p.get("cache_default", DEFAULT_CACHE_MB)),
                              fallocate_percent=float(p.get("fallocate_percent",
                                                            DEFAULT_FALLOCATE_PERCENT)),
+                             state_dir=os.path.abspath(p["state_dir"]) if p.get("state_dir")
+                             else None,
                              durable=p.get("durable") == "1")
         self.engine.start()
-        log.info("snapengine ready: %d origins, %d minors resumed, run dir %s",
-                 len(self.engine.origins), len(self.engine.minors), run_dir)
+        failed = sum(1 for m in self.engine.minors.values() if m.error)
+        log.info("snapengine ready: %d origins, %d minors resumed, %d failed; run dir %s, "
+                 "state dir %s", len(self.engine.origins), len(self.engine.minors) - failed,
+                 failed, run_dir, self.engine.state_dir)
 
     def start_threads(self) -> None:
         assert self.engine is not None

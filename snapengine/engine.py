@@ -49,7 +49,7 @@ from .lifecycle import DESTROY, RECONFIGURE, TO_INCREMENTAL, TO_SNAPSHOT, requir
 from .minor import ACTIVE, DORMANT, INCREMENTAL, SNAPSHOT, UNVERIFIED, Minor
 from .origin import AbsentOrigin, Origin, open_exclusive
 from .registry import Registry
-from .rundir import RunDir
+from .rundir import RunDir, registry_path
 from .stacking import carrying_origin
 from .transitions import (
     Clients,
@@ -71,7 +71,7 @@ class Engine:
     def __init__(self, run_dir: str, origins: list[tuple[str, str]], *,
                  max_minors: int = DEFAULT_MAX_MINORS, cache_default_mb: int = DEFAULT_CACHE_MB,
                  fallocate_percent: float = DEFAULT_FALLOCATE_PERCENT,
-                 durable: bool = False, opener=FileIO.open) -> None:
+                 durable: bool = False, opener=FileIO.open, state_dir: str | None = None) -> None:
         check_settings(max_minors, cache_default_mb, fallocate_percent)
         self.run_dir = run_dir
         self.layout = RunDir(run_dir)
@@ -83,7 +83,8 @@ class Engine:
         self.origin_specs = origins
         self.origins: dict[str, Origin] = {}
         self.minors: dict[int, Minor] = {}
-        self.registry = Registry(self.layout.registry, opener)
+        self.state_dir = state_dir or run_dir  # the registry: what a reboot must not lose
+        self.registry = Registry(registry_path(self.state_dir), opener)
         self.info_path = self.layout.info
         self.dirty = threading.Event()  # info is stale (set from the data path)
         self.stopped = False  # shutdown() ran: no more tracking, no more writes
@@ -101,6 +102,7 @@ class Engine:
     def start(self) -> None:
         """Open every origin and resume every registered minor; no client yet."""
         os.makedirs(self.run_dir, mode=0o755, exist_ok=True)
+        os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
         try:
             check_origin_names(self.origin_specs)
             for path, name in self.origin_specs:
@@ -370,11 +372,23 @@ class Engine:
         return m
 
     def _cache_bytes(self, cache_mb: Any) -> int:
+        """-c in bytes; 0 or absent: --cache-default. More than the machine's memory is
+        refused: a user who typed bytes is told the unit."""
         mb = megabytes(cache_mb, "-c")
+        memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        if mb * MB > memory:
+            raise SnapError(errno.EINVAL, f"-c {mb} MB is more than this machine's memory "
+                            f"({memory // MB} MB): -c is in MB, not bytes")
         return mb * MB if mb else self.cache_default
 
     def _fallocate_bytes(self, fallocate_mb: Any, origin: Origin) -> int:
+        """-f in bytes; 0 or absent: --fallocate-percent of the origin, at least 1 MiB.
+        More than the origin (in whole MB) is refused: no snapshot can save more."""
         mb = megabytes(fallocate_mb, "-f")
+        most = -(-origin.size // MB)
+        if mb > most:
+            raise SnapError(errno.EINVAL, f"-f {mb} MB is more than the origin {origin.path} "
+                            f"({most} MB): -f is in MB, not bytes")
         if mb:
             return mb * MB
         return max(MiB, int(origin.size * self.fallocate_percent / 100))

@@ -6,6 +6,7 @@ import argparse
 import errno
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import signal
@@ -21,12 +22,27 @@ from . import __version__
 from .arguments import (DEFAULT_CACHE_MB, DEFAULT_FALLOCATE_PERCENT, DEFAULT_MAX_MINORS,
                         EXPORT_PREFIX, check_origin_names, check_settings)
 from .control import remove_stale_socket, request
+from .daemon import LOG_FORMAT
 from .errors import SnapError
+from .origin import open_exclusive
 from .relay import parse_hostport
-from .rundir import (CTL_SOCKET, INFO_FILE, NBD_SOCKET, REGISTRY_FILE, RUN_DIR_ENV,
-                     SUPERVISOR_PID, RunDir, default_run_dir)
+from .rundir import (
+    CTL_SOCKET,
+    DAEMON_LOG,
+    INFO_FILE,
+    NBD_SOCKET,
+    REGISTRY_FILE,
+    RUN_DIR_ENV,
+    STATE_DIR_ENV,
+    SUPERVISOR_PID,
+    RunDir,
+    default_run_dir,
+    default_state_dir,
+    log_path,
+)
 
-DEFAULT_ORIGIN = "var/disk0.img"  # served when no --origin is given
+DEFAULT_ORIGIN = "var/disk0.img"  # served when no --origin is given, as DEFAULT_NAME
+DEFAULT_NAME = "disk0"
 DEFAULT_ORIGIN_SIZE = 1 << 30  # 1 GiB, sparse
 NBDKIT_THREADS = 16  # requests in flight per connection
 START_TIMEOUT = 30.0  # seconds --daemon waits for the control socket
@@ -47,11 +63,15 @@ def build_parser() -> Parser:
     p = sub.add_parser("serve", help="run the daemon", description=SERVE_HELP,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run-dir", default=default_run_dir(),
-                   help=f"holds {CTL_SOCKET}, {NBD_SOCKET}, {INFO_FILE} and {REGISTRY_FILE} "
+                   help=f"holds {CTL_SOCKET}, {NBD_SOCKET}, {INFO_FILE} and the pid files "
                    f"(env {RUN_DIR_ENV}, default %(default)s)")
+    p.add_argument("--state-dir", default=default_state_dir(),
+                   help=f"holds {REGISTRY_FILE} (the minors a restart resumes, after a reboot "
+                   f"too) and {DAEMON_LOG} (env {STATE_DIR_ENV}, default %(default)s)")
     p.add_argument("--origin", action="append", default=[], metavar="PATH[=NAME]",
                    help="a file or block device to serve read-write, as export NAME "
-                   "(default: PATH as given); repeatable. Without any: " + DEFAULT_ORIGIN)
+                   "(default: PATH as given); repeatable. Without any: "
+                   f"{DEFAULT_ORIGIN}={DEFAULT_NAME}")
     p.add_argument("--tcp", metavar="HOST:PORT",
                    help="also listen on TCP (unauthenticated: anyone who reaches it can "
                    "read and write the origins)")
@@ -74,9 +94,11 @@ def build_parser() -> Parser:
 SERVE_HELP = f"""\
 Serve the origins over NBD on RUN/{NBD_SOCKET}, with change tracking, and accept
 elioctl commands on RUN/{CTL_SOCKET}. Runs in the foreground (--daemon: in the
-background, pid in RUN/{SUPERVISOR_PID}) until SIGTERM, SIGINT or SIGHUP, which
-shut it down cleanly even with clients attached: every COW file is synced and
-marked clean, later writes are refused, and the daemon exits 0.
+background, pid in RUN/{SUPERVISOR_PID}) until SIGTERM or SIGINT, which shut it
+down cleanly even with clients attached: every COW file is synced and marked clean,
+later writes are refused, and the daemon exits 0. SIGHUP does not stop it: the log
+(STATE/{DAEMON_LOG}) is reopened by itself once logrotate has moved it. Unmount and
+detach attached disks before stopping it (docs/operations.md gives the order).
 
 Attach an origin as a block device:
   nbd-client -unix RUN/{NBD_SOCKET} -N NAME /dev/nbd0
@@ -110,13 +132,30 @@ def parse_origin(spec: str) -> tuple[str, str]:
     return os.path.abspath(path), name
 
 
+def check_origins_free(origins: list[tuple[str, str]], log: str) -> None:
+    """Each origin can be opened as the daemon will (flock, or O_EXCL for a block device),
+    then is released: EBUSY naming the origin another daemon holds, before nbdkit starts.
+    The refusal goes to ``log`` too, where an admin looks after a failed start."""
+    for path, _ in origins:
+        try:
+            open_exclusive(path).close()
+        except SnapError as e:
+            handler = logging.FileHandler(log)
+            handler.setFormatter(logging.Formatter(LOG_FORMAT))
+            handler.handle(logging.makeLogRecord({
+                "name": __name__, "levelno": logging.ERROR, "levelname": "ERROR",
+                "msg": "cannot start: %s", "args": (e,)}))
+            handler.close()
+            raise
+
+
 def default_origin() -> tuple[str, str]:
     path = os.path.join(project_root(), DEFAULT_ORIGIN)
     if not os.path.exists(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "wb") as f:
             f.truncate(DEFAULT_ORIGIN_SIZE)
-    return path, DEFAULT_ORIGIN
+    return path, DEFAULT_NAME
 
 
 def plugin_path() -> str:
@@ -137,7 +176,8 @@ def nbdkit_command(args: argparse.Namespace, origins: list[tuple[str, str]],
     cmd += ["-f", "python", plugin_path(), f"run_dir={run_dir.path}",
             f"origins={json.dumps(origins)}", f"max_minors={args.max_minors}",
             f"cache_default={args.cache_default}",
-            f"fallocate_percent={args.fallocate_percent}", f"log={run_dir.log}"]
+            f"fallocate_percent={args.fallocate_percent}",
+            f"state_dir={args.state_dir}", f"log={log_path(args.state_dir)}"]
     if args.tcp:
         cmd.append(f"tcp={args.tcp}")
     if args.verbose:
@@ -166,14 +206,14 @@ def check_options(args: argparse.Namespace) -> None:
             raise SnapError(errno.EINVAL, str(e))
 
 
-def wait_ready(run_dir: RunDir, pid: int) -> None:
+def wait_ready(run_dir: RunDir, pid: int, log: str) -> None:
     ctl = run_dir.ctl_socket
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:
         done, status = os.waitpid(pid, os.WNOHANG)
         if done:
             raise SnapError(errno.EIO, f"the daemon exited with status {status >> 8}; "
-                            f"see {run_dir.log}")
+                            f"see {log}")
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             s.connect(ctl)
@@ -186,7 +226,7 @@ def wait_ready(run_dir: RunDir, pid: int) -> None:
 
 
 class Stop(Exception):
-    """SIGTERM, SIGINT or SIGHUP reached the supervisor."""
+    """SIGTERM or SIGINT reached the supervisor."""
 
 
 def _stop(signum: int, frame) -> None:
@@ -201,8 +241,9 @@ def supervise(cmd: list[str], env: dict[str, str], run_dir: RunDir) -> int:
     tracking (every COW file closed clean, later writes refused with ESHUTDOWN); then
     nbdkit is asked to exit, and killed after a grace period: nothing is left to lose.
     """
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _stop)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # logrotate's HUP: the log reopens itself
     cmd = cmd + [f"supervisor={os.getpid()}"]  # nbdkit exits when this process is gone
     try:
         proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, start_new_session=True)
@@ -214,7 +255,7 @@ def supervise(cmd: list[str], env: dict[str, str], run_dir: RunDir) -> int:
         status = proc.wait()
         return status if status >= 0 else 128 - status  # killed: 128 + signal
     except Stop as e:
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, signal.SIG_IGN)
         print(f"snapengine: {e}: shutting down", file=sys.stderr)
         return shutdown(proc, run_dir)
@@ -224,10 +265,11 @@ def supervise(cmd: list[str], env: dict[str, str], run_dir: RunDir) -> int:
                 os.unlink(path)
             except FileNotFoundError:
                 pass
-        try:
-            remove_stale_socket(run_dir.nbd_socket)
-        except SnapError:
-            pass  # another daemon took over the run directory
+        for sock in (run_dir.nbd_socket, run_dir.ctl_socket):  # nbdkit's, if killed
+            try:
+                remove_stale_socket(sock)
+            except SnapError:
+                pass  # another daemon took over the run directory
 
 
 def shutdown(proc: subprocess.Popen, run_dir: RunDir) -> int:
@@ -254,9 +296,12 @@ def shutdown(proc: subprocess.Popen, run_dir: RunDir) -> int:
 def serve(args: argparse.Namespace) -> int:
     check_options(args)
     run_dir = RunDir(os.path.abspath(args.run_dir))
+    args.state_dir = os.path.abspath(args.state_dir)
     os.makedirs(run_dir.path, mode=0o755, exist_ok=True)
+    os.makedirs(args.state_dir, mode=0o700, exist_ok=True)
     origins = [parse_origin(spec) for spec in args.origin] or [default_origin()]
     check_origin_names(origins)
+    check_origins_free(origins, log_path(args.state_dir))
     for sock in (run_dir.ctl_socket, run_dir.nbd_socket):
         remove_stale_socket(sock)
     cmd = nbdkit_command(args, origins, run_dir)
@@ -264,12 +309,12 @@ def serve(args: argparse.Namespace) -> int:
     print(f"snapengine {__version__}: serving {', '.join(n for _, n in origins)} "
           f"on {run_dir.nbd_socket}", file=sys.stderr)
     if args.daemon:
-        return daemonize(cmd, env, run_dir)
+        return daemonize(cmd, env, run_dir, log_path(args.state_dir))
     print(quick_start(run_dir, origins[0][1]), file=sys.stderr)
     return supervise(cmd, env, run_dir)
 
 
-def daemonize(cmd: list[str], env: dict[str, str], run_dir: RunDir) -> int:
+def daemonize(cmd: list[str], env: dict[str, str], run_dir: RunDir, log: str) -> int:
     """Fork the supervisor into the background; return once the daemon answers."""
     pid = os.fork()
     if pid == 0:
@@ -278,8 +323,8 @@ def daemonize(cmd: list[str], env: dict[str, str], run_dir: RunDir) -> int:
         for fd in (0, 1, 2):
             os.dup2(null, fd)
         os._exit(supervise(cmd, env, run_dir))
-    wait_ready(run_dir, pid)
-    print(f"snapengine: daemon ready, pid {pid} (log {run_dir.log})", file=sys.stderr)
+    wait_ready(run_dir, pid, log)
+    print(f"snapengine: daemon ready, pid {pid} (log {log})", file=sys.stderr)
     return 0
 
 

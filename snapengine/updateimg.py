@@ -28,6 +28,7 @@ import time
 from typing import Callable, Iterator, NoReturn
 
 from . import changes
+from .cli import error_line
 from .arguments import EXPORT_PREFIX
 from .errors import SnapError
 from .rundir import DEFAULT_RUN_DIR, RUN_DIR_ENV, RunDir, default_run_dir
@@ -338,8 +339,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parse(argv)
         return (run_full if args.full else run_stamp if args.stamp else update)(args)
-    except SnapError as e:
-        print(f"update-img: {e}", file=sys.stderr)
+    except OSError as e:  # SnapError, or a file it cannot read (EACCES): one line
+        print(f"update-img: {error_line(e)}", file=sys.stderr)
         return e.errno or errno.EIO
     except KeyboardInterrupt:
         return errno.EINTR

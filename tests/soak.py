@@ -478,7 +478,7 @@ class Soak:
 
     def setup(self) -> None:
         self.cow = self.new_cow()
-        windows = self.command("setup-snapshot", "-f", str(2 * self.size // MiB + 8), "disk0",
+        windows = self.command("setup-snapshot", "-f", str(-(-self.size // MiB)), "disk0",
                                self.cow, "0")
         self.stats.setups += 1
         info = self.info(state=3)
@@ -503,7 +503,7 @@ class Soak:
     def to_snapshot(self) -> None:
         old = self.cow
         self.cow = self.new_cow()
-        windows = self.command("transition-to-snapshot", "-f", str(2 * self.size // MiB + 8),
+        windows = self.command("transition-to-snapshot", "-f", str(-(-self.size // MiB)),
                                self.cow, "0")
         self.stats.to_snapshot += 1
         info = self.info(state=3)

@@ -297,6 +297,21 @@ class TestErrors:
         """Not in the table, but a user's mistake all the same: EINVAL, not EIO."""
         fails(d, errno.EINVAL, *create(tmp_path / "cow", "-f", str(2 ** 44)), watch=[tmp_path])
 
+    @creators
+    @pytest.mark.parametrize("value", ["65", str(1 << 30)], ids=["one-over", "bytes"])
+    def test_fallocate_above_the_origin_says_the_unit(self, d, tmp_path, create, value):
+        """-f 1073741824 (bytes typed as MB) on a 64 MiB origin: EINVAL, not 1 PiB."""
+        detail = fails(d, errno.EINVAL, *create(tmp_path / "cow", "-f", value), watch=[tmp_path])
+        assert "-f is in MB, not bytes" in detail and "64 MB" in detail
+
+    @pytest.mark.parametrize("op", ["setup-snapshot", "reconfigure"])
+    def test_cache_above_the_memory_says_the_unit(self, d, state, tmp_path, op):
+        big = str(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // MiB + 1)
+        args = (["setup-snapshot", "-c", big, "disk2", tmp_path / "cow", FREE] if op ==
+                "setup-snapshot" else ["reconfigure", "-c", big, "1"])
+        detail = fails(d, errno.EINVAL, *args, watch=[tmp_path, state.dir])
+        assert "-c is in MB, not bytes" in detail
+
     def test_to_incremental_when_already_incremental(self, d, state, tmp_path):
         fails(d, errno.EINVAL, "transition-to-incremental", "0", watch=[tmp_path, state.dir])
 
@@ -479,3 +494,106 @@ def test_no_sub_command(tmp_path):
     r = elioctl(tmp_path)
     assert r.returncode == errno.EINVAL and r.stdout == ""
     assert "usage" in r.stderr.lower()
+
+
+# -- files it cannot read, a busy origin, --help: every CLI's one line ---------------------
+
+import signal  # noqa: E402  (this section's own, so that it is appended whole)
+import subprocess  # noqa: E402
+
+from snapengine.rundir import RUN_DIR_ENV, RunDir, log_path  # noqa: E402
+from tests.harness import stop_process  # noqa: E402
+from tests.harness.sockets import START_TIMEOUT  # noqa: E402
+
+NOBODY = 65534  # the unprivileged user the permission cases run as, when run by root
+
+
+def unprivileged() -> dict:
+    """subprocess.run's keywords to run a command as ``nobody`` when we are root (a mode
+    000 file is readable to root); nothing otherwise: the mode already keeps us out."""
+    if os.geteuid() != 0:
+        return {}
+
+    def drop() -> None:
+        os.setgroups([])
+        os.setgid(NOBODY)
+        os.setuid(NOBODY)
+    return {"preexec_fn": drop}
+
+
+def one_line(r, err: int, prefix: str) -> str:
+    """Exit status ``err``, nothing on stdout, exactly one stderr line ``prefix<strerror>:
+    ...`` and no traceback; return the line."""
+    assert r.returncode == err, f"exit {r.returncode}, expected {err}; stderr: {r.stderr!r}"
+    assert r.stdout == "" and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.endswith("\n") and r.stderr.count("\n") == 1, \
+        f"not exactly one line on stderr: {r.stderr!r}"
+    assert r.stderr.startswith(f"{prefix}{os.strerror(err)}: "), r.stderr
+    return r.stderr.rstrip("\n")
+
+
+@pytest.fixture
+def unreadable_cow(tmp_path):
+    """A COW file nobody but root may read (mode 000), and an image beside it."""
+    cow, image = tmp_path / "cow", tmp_path / "full.img"
+    cow.write_bytes(b"\0" * 4096)
+    cow.chmod(0o000)
+    image.write_bytes(b"x" * 4096)
+    return SimpleNamespace(cow=str(cow), image=str(image), run=str(tmp_path / "run"))
+
+
+def test_update_img_cow_file_unreadable(unreadable_cow):
+    f = unreadable_cow
+    r = run([os.path.join(BIN, "update-img"), "--run-dir", f.run, "4", f.cow, f.image],
+            check=False, **unprivileged())
+    assert f.cow in one_line(r, errno.EACCES, "update-img: ")
+    with open(f.image, "rb") as image:
+        assert image.read() == b"x" * 4096
+
+
+def test_changed_blocks_cow_file_unreadable(unreadable_cow):
+    r = run([os.path.join(BIN, "elioctl"), "changed-blocks", unreadable_cow.cow],
+            check=False, **unprivileged())
+    assert unreadable_cow.cow in one_line(r, errno.EACCES, "elioctl: changed-blocks: ")
+
+
+def stop_background(run_dir: str) -> None:
+    """Stop a ``serve --daemon`` that should not have started: SIGTERM its supervisor."""
+    try:
+        with open(RunDir(run_dir).supervisor_pid) as f:
+            pid = int(f.read())
+    except (OSError, ValueError):
+        return
+    os.kill(pid, signal.SIGTERM)
+    wait_for(lambda: not os.path.exists(f"/proc/{pid}"), what=f"daemon {pid} to exit")
+
+
+@pytest.mark.parametrize("mode", [[], ["--daemon"]], ids=["foreground", "daemon"])
+def test_serve_origin_locked(tmp_path, mode):
+    """A second daemon on an origin the first one holds (flock): EBUSY naming the origin,
+    one line on stderr and in the second one's log; the first one serves on."""
+    origin = sparse_file(str(tmp_path / "disk0.img"), ORIGIN_SIZE)
+    run2, state2 = str(tmp_path / "run2"), str(tmp_path / "state2")
+    with daemon(str(tmp_path / "run1"), [(origin, "disk0")]) as first:
+        cmd = [os.path.join(BIN, "snapengine"), "serve", "--run-dir", run2,
+               "--state-dir", state2, "--origin", f"{origin}=disk0", *mode]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                stdin=subprocess.DEVNULL, text=True)
+        try:
+            out, err = proc.communicate(timeout=START_TIMEOUT)
+        finally:
+            stop_process(proc)
+            stop_background(run2)
+        r = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+        line = one_line(r, errno.EBUSY, "snapengine: serve: ")
+        assert f"origin {origin} is locked by another process" in line
+        with open(log_path(state2)) as f:
+            log = f.read()
+        assert log.count("\n") <= 1 and "locked by another process" in log, log
+        assert first.proc.poll() is None and "devices" in first.request("info")
+
+
+def test_update_img_help_names_the_run_dir_variable():
+    r = run([os.path.join(BIN, "update-img"), "--help"])
+    assert r.stderr == ""
+    assert re.search(rf"--run-dir.*\(env\s+{RUN_DIR_ENV}\b", r.stdout, re.S), r.stdout

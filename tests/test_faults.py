@@ -125,7 +125,7 @@ def destroy_and_start_again(rig: Rig, cow: str) -> None:
     assert rig.engine.info()["devices"] == []
     expect_errno(errno.ENOENT, rig.engine.info, 0)
     new = rig.cow(9)
-    rig.engine.setup_snapshot("disk", new, 0, fallocate_mb=16)
+    rig.engine.setup_snapshot("disk", new, 0, fallocate_mb=8)
     frozen = bytes(rig.model)
     snap = rig.engine.open_export("elastio-snap0", True)
     rig.scatter(20)
@@ -180,7 +180,7 @@ SNAPSHOT_FAULTS = {
 def test_cow_write_fault_fails_the_snapshot_not_the_origin(rig, caplog, case):
     fault, err = SNAPSHOT_FAULTS[case]
     cow = rig.cow(1)
-    rig.engine.setup_snapshot("disk", cow, 0, fallocate_mb=16)
+    rig.engine.setup_snapshot("disk", cow, 0, fallocate_mb=8)
     frozen = bytes(rig.model)
     snap = rig.engine.open_export("elastio-snap0", True)
     rig.write(0, 2 * BLOCK)  # saved before the fault: the snapshot is right so far
@@ -197,7 +197,7 @@ def test_durable_group_sync_fault_fails_the_snapshot(tmp_path, caplog):
     rig = Rig(tmp_path, durable=True)
     try:
         cow = rig.cow(1)
-        rig.engine.setup_snapshot("disk", cow, 0, fallocate_mb=16)
+        rig.engine.setup_snapshot("disk", cow, 0, fallocate_mb=8)
         snap = rig.engine.open_export("elastio-snap0", True)
         rig.write(BLOCK, BLOCK)
         rig.plan.inject("fsync")
@@ -212,7 +212,7 @@ def test_cow_read_fault_on_a_snapshot_read_is_eio_never_wrong_data(rig):
     """A saved block that cannot be read: that read is EIO; the snapshot is then either
     still right (the fault was transient) or failed, never wrong."""
     cow = rig.cow(1)
-    rig.engine.setup_snapshot("disk", cow, 0, fallocate_mb=16)
+    rig.engine.setup_snapshot("disk", cow, 0, fallocate_mb=8)
     frozen = bytes(rig.model)
     snap = rig.engine.open_export("elastio-snap0", True)
     rig.scatter(30)
@@ -281,7 +281,7 @@ def test_snapshot_read_racing_a_failing_first_touch(tmp_path, cause):
 
 def test_fsync_fault_at_transition_to_incremental(rig, caplog):
     cow = rig.cow(1)
-    rig.engine.setup_snapshot("disk", cow, 0, fallocate_mb=16)
+    rig.engine.setup_snapshot("disk", cow, 0, fallocate_mb=8)
     snap = rig.engine.open_export("elastio-snap0", True)
     rig.scatter(20)
     rig.plan.inject("fsync")
@@ -292,7 +292,7 @@ def test_fsync_fault_at_transition_to_incremental(rig, caplog):
 
 def test_fsync_fault_when_the_last_client_leaves(rig, caplog):
     cow = rig.cow(1)
-    rig.engine.setup_snapshot("disk", cow, 0, fallocate_mb=16)
+    rig.engine.setup_snapshot("disk", cow, 0, fallocate_mb=8)
     snap = rig.engine.open_export("elastio-snap0", True)
     rig.scatter(20)
     rig.plan.inject("fsync", times=None)
@@ -308,7 +308,7 @@ def test_fsync_fault_when_the_last_client_leaves(rig, caplog):
 
 def test_fsync_fault_when_a_dormant_minor_gets_a_client(rig, caplog):
     cow = rig.cow(1)
-    rig.engine.setup_snapshot("disk", cow, 0, fallocate_mb=16)
+    rig.engine.setup_snapshot("disk", cow, 0, fallocate_mb=8)
     snap = rig.engine.open_export("elastio-snap0", True)
     rig.scatter(20)
     rig.h.close()
@@ -322,7 +322,7 @@ def test_fsync_fault_when_a_dormant_minor_gets_a_client(rig, caplog):
 
 def test_fsync_fault_when_a_reloaded_minor_comes_online(rig, caplog):
     cow = rig.cow(1)
-    rig.engine.setup_snapshot("disk", cow, 0, fallocate_mb=16)
+    rig.engine.setup_snapshot("disk", cow, 0, fallocate_mb=8)
     rig.scatter(20)
     rig.h.close()
     rig.engine.close()  # clean stop; then the registry is lost: reload-snapshot
@@ -361,14 +361,14 @@ def test_setup_snapshot_that_cannot_write_its_cow_file_changes_nothing(rig, op):
     rig.scatter(10)
     rig.check_origin()
     expect_errno(errno.ENOENT, rig.engine.destroy, 0)
-    rig.engine.setup_snapshot("disk", rig.cow(2), 0, fallocate_mb=16)
+    rig.engine.setup_snapshot("disk", rig.cow(2), 0, fallocate_mb=8)
     assert "error" not in rig.engine.info(0)
 
 
 def test_transition_to_snapshot_that_cannot_create_its_cow_file_changes_nothing(tmp_path):
     rig = Rig(tmp_path, pattern="cow2")
     try:
-        rig.engine.setup_snapshot("disk", rig.cow(1), 0, fallocate_mb=16)
+        rig.engine.setup_snapshot("disk", rig.cow(1), 0, fallocate_mb=8)
         rig.engine.transition_to_incremental(0)
         rig.write(0, BLOCK)
         rig.plan.inject("pwrite", errno.ENOSPC)
@@ -421,7 +421,7 @@ def test_cow_fault_in_incremental_mode_never_leaves_a_valid_looking_list(rig, ca
                                                                          case):
     fault, err, where = INCREMENTAL_FAULTS[case]
     cow = rig.cow(1)
-    rig.engine.setup_snapshot("disk", cow, 0, fallocate_mb=16)
+    rig.engine.setup_snapshot("disk", cow, 0, fallocate_mb=8)
     rig.scatter(5)
     rig.engine.transition_to_incremental(0)
     image = str(rig.top / "backup.img")
@@ -498,7 +498,7 @@ def test_failed_change_list_stays_refused_across_a_clean_restart(tmp_path, caplo
     cow = rig.cow(1)
     image = str(tmp_path / "backup.img")
     try:
-        rig.engine.setup_snapshot("disk", cow, 0, fallocate_mb=16)
+        rig.engine.setup_snapshot("disk", cow, 0, fallocate_mb=8)
         rig.engine.transition_to_incremental(0)
         with open(image, "wb") as f:
             f.write(rig.model)
@@ -524,7 +524,7 @@ def test_fsync_fault_closing_the_old_change_list(rig, caplog, capsys):
     """transition-to-snapshot cannot sync the old file: the new snapshot is fine, the old
     list must not be presented as valid."""
     cow = rig.cow(1)
-    rig.engine.setup_snapshot("disk", cow, 0, fallocate_mb=16)
+    rig.engine.setup_snapshot("disk", cow, 0, fallocate_mb=8)
     rig.engine.transition_to_incremental(0)
     rig.scatter(20)
     image = str(rig.top / "backup.img")
@@ -583,7 +583,7 @@ def test_cow_directory_fills_up_real_daemon(tmp_path, tiny_fs):
         h = nbd.NBD()
         h.connect_uri(d.uri("disk0"))
         frozen = bytes(model)
-        d.elioctl("setup-snapshot", "-f", "1000", "disk0", cow, "0")  # ENOSPC long before -f
+        d.elioctl("setup-snapshot", "-f", "16", "disk0", cow, "0")  # ENOSPC long before -f
         snap = nbd.NBD()
         snap.connect_uri(d.uri("elastio-snap0"))
         for i in range(96):  # 3 MiB of first touches into a 1 MiB filesystem
@@ -607,7 +607,7 @@ def test_cow_directory_fills_up_real_daemon(tmp_path, tiny_fs):
         assert not os.path.exists(cow) and d.info()["devices"] == []
         assert os.listdir(tiny_fs) == []
         # the space is back: a new snapshot on the same filesystem works
-        d.elioctl("setup-snapshot", "-f", "1000", "disk0", cow, "0")
+        d.elioctl("setup-snapshot", "-f", "16", "disk0", cow, "0")
         frozen = bytes(model)
         h.pwrite(b"\xaa" * 8192, 4096)
         model[4096:4096 + 8192] = b"\xaa" * 8192

@@ -89,7 +89,7 @@ class Chain:
             f.write(model)
         with Engine(self.run_dir, [(self.origin, "disk")]) as engine:
             h = engine.open_export("disk", False)
-            engine.setup_snapshot("disk", self.incr, 0, fallocate_mb=16)
+            engine.setup_snapshot("disk", self.incr, 0, fallocate_mb=8)
             self.image1 = bytes(model)
             apply(h, model, PHASE_A, rng)
             engine.transition_to_incremental(0)

@@ -116,7 +116,7 @@ def test_kill9_rounds(tmp_path, mode):
     d = Daemon(str(tmp_path / "run"), [(origin, "disk0")])
     try:
         d.start()
-        d.elioctl("setup-snapshot", "-f", "64", "disk0", str(tmp_path / "cow0"), "0")
+        d.elioctl("setup-snapshot", "-f", "32", "disk0", str(tmp_path / "cow0"), "0")
         point = bytes(model)  # the snapshot's image
         if mode == "incremental":
             d.elioctl("transition-to-incremental", "0")
@@ -133,7 +133,7 @@ def test_kill9_rounds(tmp_path, mode):
                     hashlib.sha256(point).digest(), f"seed {seed} round {round_}: snapshot changed"
                 continue
             cow, new = str(tmp_path / f"cow{round_}"), str(tmp_path / f"cow{round_ + 1}")
-            d.elioctl("transition-to-snapshot", "-f", "64", new, "0")
+            d.elioctl("transition-to-snapshot", "-f", "32", new, "0")
             listed = set()
             for line in d.elioctl("changed-blocks", cow).stdout.split("\n"):
                 if line:

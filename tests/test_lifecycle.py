@@ -94,7 +94,7 @@ class World:
             reload("disk", path, 0)
         else:
             self.attach()
-            self.engine.setup_snapshot("disk", self.cow(), 0, fallocate_mb=8)
+            self.engine.setup_snapshot("disk", self.cow(), 0, fallocate_mb=4)
             self.write()
             if state in (0, 2):
                 self.engine.transition_to_incremental(0)
@@ -126,7 +126,7 @@ def world(tmp_path):
 
 OPERATIONS = {
     TO_INCREMENTAL: lambda w: w.engine.transition_to_incremental(0),
-    TO_SNAPSHOT: lambda w: w.engine.transition_to_snapshot(w.cow(), 0, 8),
+    TO_SNAPSHOT: lambda w: w.engine.transition_to_snapshot(w.cow(), 0, 4),
     DESTROY: lambda w: w.engine.destroy(0),
     RECONFIGURE: lambda w: w.engine.reconfigure(0, 20),
     FIRST_CLIENT: lambda w: w.attach() if w.client is None else None,
@@ -189,7 +189,7 @@ def look(w: World) -> dict:
 
 
 TRANSITIONS = {  # name: (state before, the transition)
-    "setup-snapshot": (None, lambda w: w.engine.setup_snapshot("disk", w.cow(), 0, 0, 8)),
+    "setup-snapshot": (None, lambda w: w.engine.setup_snapshot("disk", w.cow(), 0, 0, 4)),
     "reload-snapshot": (None, lambda w: w.engine.reload_snapshot("disk", w.reload_path, 0)),
     "transition-to-incremental, active": (3, OPERATIONS[TO_INCREMENTAL]),
     "transition-to-incremental, dormant": (1, OPERATIONS[TO_INCREMENTAL]),

@@ -299,6 +299,10 @@ class EngineModel(RuleBasedStateMachine):
             func(*args, **kw)
         assert e.value.errno == err, f"expected {errno.errorcode[err]}, got {e.value!r}"
 
+    def too_large(self, fallocate_mb: int | None) -> bool:
+        """-f above the origin (in whole MB) is refused: the unit is MB, not bytes."""
+        return bool(fallocate_mb) and fallocate_mb > -(-self.size // self.mb)
+
     def default_fallocate(self) -> int:
         return max(MiB, int(self.size * 10 / 100))  # 10 % of the origin, at least 1 MB
 
@@ -370,6 +374,10 @@ class EngineModel(RuleBasedStateMachine):
         cache_mb = data.draw(st.sampled_from(self.cache_mb), label="cache_mb")
         fallocate_mb = data.draw(st.sampled_from(self.fallocate_mb), label="fallocate_mb")
         path = self.new_cow_path()
+        if self.too_large(fallocate_mb):
+            self.expect_error(errno.EINVAL, self.engine.setup_snapshot, ORIGIN, path, minor,
+                              cache_mb=cache_mb, fallocate_mb=fallocate_mb)
+            return
         self.engine.setup_snapshot(ORIGIN, path, minor, cache_mb=cache_mb,
                                    fallocate_mb=fallocate_mb)
         self.snap = SnapModel(
@@ -411,6 +419,10 @@ class EngineModel(RuleBasedStateMachine):
         s = self.snap
         fallocate_mb = data.draw(st.sampled_from(self.fallocate_mb), label="fallocate_mb")
         old_path, path = s.cow_path, self.new_cow_path()
+        if self.too_large(fallocate_mb):
+            self.expect_error(errno.EINVAL, self.engine.transition_to_snapshot, path, s.minor,
+                              fallocate_mb=fallocate_mb)
+            return
         self._count_loads()
         self.engine.transition_to_snapshot(path, s.minor, fallocate_mb=fallocate_mb)
         self.check_closed_cow(old_path, s)

@@ -52,7 +52,7 @@ def origins(tmp_path, *names: str) -> list[tuple[str, str]]:
 
 def serve(tmp_path, *args: str) -> subprocess.CompletedProcess:
     return run([os.path.join(BIN, "snapengine"), "serve", "--run-dir", str(tmp_path / "run"),
-                *args], check=False, timeout=60)
+                "--state-dir", str(tmp_path / "run"), *args], check=False, timeout=60)
 
 
 def one_line_error(r: subprocess.CompletedProcess, err: int, *words: str) -> str:

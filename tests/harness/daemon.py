@@ -30,6 +30,7 @@ class Daemon:
     origins: list[tuple[str, str]]  # (path, export name)
     extra: list[str] = field(default_factory=list)  # more serve options (--durable...)
     verbose: bool = True  # --verbose: DEBUG logs (the benchmarks measure without)
+    state_dir: str = ""  # --state-dir (registry, daemon.log); "": the run dir itself
     proc: subprocess.Popen | None = None
     log_path: str = ""
 
@@ -37,7 +38,8 @@ class Daemon:
         """Start, and return once both sockets answer (ServerStartError if it exits)."""
         os.makedirs(self.run_dir, exist_ok=True)
         self.log_path = os.path.join(self.run_dir, "serve.out")
-        cmd = [os.path.join(BIN, "snapengine"), "serve", "--run-dir", self.run_dir]
+        cmd = [os.path.join(BIN, "snapengine"), "serve", "--run-dir", self.run_dir,
+               "--state-dir", self.state_dir or self.run_dir]
         cmd += ["--verbose"] if self.verbose else []
         for path, name in self.origins:
             cmd += ["--origin", f"{path}={name}"]

@@ -1,0 +1,82 @@
+"""Running it on a server: what a reboot, a logrotate and a bare `make run` do.
+
+* The registry lives in the state dir (``--state-dir``), not in the run dir (a tmpfs at
+  /run): a daemon started with an empty run dir, as after a reboot, resumes every minor.
+* SIGHUP does not stop the daemon; the log moved away by logrotate is reopened.
+* Without ``--origin``, the embedded origin is served as ``disk0``, the name the README
+  uses.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+
+import pytest
+
+from snapengine import serve
+from tests.harness import Daemon, export_digest, sparse_file, wait_for
+
+pytestmark = pytest.mark.e2e
+
+MiB = 1 << 20
+
+
+def test_a_reboot_loses_the_run_dir_and_every_minor_resumes(tmp_path):
+    origins = [(sparse_file(str(tmp_path / f"disk{i}.img"), 64 * MiB), f"disk{i}")
+               for i in range(2)]
+    run_dir, state = str(tmp_path / "run"), str(tmp_path / "state")
+    d = Daemon(run_dir, origins, state_dir=state)
+    d.start()
+    try:
+        with open(origins[0][0], "r+b") as f:
+            f.write(os.urandom(MiB))
+        d.elioctl("setup-snapshot", "disk0", str(tmp_path / "cow3"), "3")
+        d.elioctl("setup-snapshot", "disk1", str(tmp_path / "cow4"), "4")
+        d.elioctl("transition-to-incremental", "4")
+        before = [d.info(3), d.info(4)]
+        image = export_digest(d.uri("elastio-snap3"))
+    finally:
+        assert d.stop() == 0
+    assert os.path.exists(os.path.join(state, "registry.json"))
+    assert not os.path.exists(os.path.join(run_dir, "registry.json"))
+    shutil.rmtree(run_dir)  # /run is a tmpfs: gone after a reboot
+    d = Daemon(run_dir, origins, state_dir=state)
+    d.start()
+    try:
+        after = [d.info(3), d.info(4)]  # dormant (1, 0): no client yet
+        assert after == [{**before[0], "state": 1}, {**before[1], "state": 0}], after
+        assert export_digest(d.uri("elastio-snap3")) == image
+        with open(os.path.join(state, "daemon.log")) as f:
+            assert "2 minors resumed, 0 failed" in f.read()
+    finally:
+        d.stop()
+
+
+def test_sighup_reopens_the_log_and_does_not_stop_the_daemon(tmp_path):
+    origin = sparse_file(str(tmp_path / "disk0.img"), 16 * MiB)
+    state = str(tmp_path / "state")
+    d = Daemon(str(tmp_path / "run"), [(origin, "disk0")], state_dir=state)
+    d.start()
+    try:
+        log = os.path.join(state, "daemon.log")
+        os.rename(log, log + ".1")  # what logrotate does, then it sends SIGHUP
+        d.proc.send_signal(signal.SIGHUP)
+        d.elioctl("setup-snapshot", "disk0", str(tmp_path / "cow1"), "0")
+        assert d.proc.poll() is None, "SIGHUP stopped the daemon"
+        wait_for(lambda: os.path.exists(log) and "minor 0: snapshot" in open(log).read(),
+                 what="the daemon to log into a new daemon.log")
+        assert d.info(0)["state"] == 3
+    finally:
+        assert d.stop() == 0
+
+
+def test_the_embedded_origin_is_served_as_disk0():
+    path, name = serve.default_origin()
+    assert name == "disk0" and path.endswith(serve.DEFAULT_ORIGIN)
+    help_text = serve.build_parser().format_help() + "".join(
+        a.format_help() for a in serve.build_parser()._subparsers._group_actions[0]
+        .choices.values())
+    assert f"{serve.DEFAULT_ORIGIN}=disk0" in help_text
+    assert "SIGHUP does not stop it" in help_text
