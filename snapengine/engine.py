@@ -174,10 +174,16 @@ class Engine:
                 return OriginExport(origin, readonly, self.detach)
             m = self._snapshot_minor(name)
             if m is not None and m.snapshot is not None:
-                return SnapshotExport(m.snapshot, m.number, m.origin.size)
+                m.readers += 1
+                return SnapshotExport(m.snapshot, m.number, m.origin.size,
+                                      lambda: self._reader_left(m))
             if m is not None and m.has_snapshot_export:  # failed before tracking
                 return FailedSnapshotExport(m.number, m.origin.size, m.why)
             raise SnapError(errno.ENOENT, f"no export named {name!r}")
+
+    def _reader_left(self, m: Minor) -> None:
+        with self._lock:
+            m.readers -= 1
 
     def _snapshot_minor(self, name: str) -> Minor | None:
         digits = name[len(EXPORT_PREFIX):]
@@ -290,7 +296,7 @@ class Engine:
             header = Header(h.origin_size, h.uuid, h.seq_id + 1, fallocate,
                             flags=self._new_flags(), boot_id=boot_id())
             m = replace(old, cow_path=path, mode=SNAPSHOT, fallocate=fallocate, tracker=None,
-                        owned=None)
+                        owned=None, readers=0)  # the old snapshot's readers count on ``old``
             Install(m, self.minors, self._save, self.opener, header).run()
             self.publish()
             log.info("minor %d: snapshot seq_id %d in %s; %s closed with %d changed blocks",
@@ -307,7 +313,13 @@ class Engine:
             t = Destroy(m, self.minors, self._save)
             t.run()
             self.publish()
-            note = t.remove_cow()
+            notes = [t.remove_cow()]
+            if m.readers:  # allowed, as elastio-snap does; but a mounted snapshot breaks
+                notes.insert(0, f"{m.export_name} had {m.readers} open connection(s) "
+                             "(a mounted snapshot?): their reads fail from now on")
+                log.warning("minor %d: destroyed with %d clients on %s", n, m.readers,
+                            m.export_name)
+            note = "; ".join(filter(None, notes)) or None
             log.info("minor %d: destroyed; %s", n, note or f"{m.cow_path} removed")
             return note
 

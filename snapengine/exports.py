@@ -69,9 +69,11 @@ class ReadOnlyExport:
 class SnapshotExport(ReadOnlyExport):
     """One NBD connection to ``elastio-snapN``: the read-only point-in-time image."""
 
-    def __init__(self, tracker: SnapshotTracker, minor: int, size: int) -> None:
+    def __init__(self, tracker: SnapshotTracker, minor: int, size: int,
+                 on_close: Callable[[], None] = lambda: None) -> None:
         self.size = size
         self.pread = tracker.read
+        self.close = on_close  # once, when the client leaves (the minor counts its readers)
         h = tracker.cow.header  # update-img reads its identity from here
         self.description = describe(DESCRIBES_SNAPSHOT, minor=minor, uuid=h.uuid.hex(),
                                     seq_id=h.seq_id)

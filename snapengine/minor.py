@@ -57,6 +57,7 @@ class Minor:
     seq_id: int | None = None
     owned: tuple[int, int] | None = None  # (st_dev, st_ino) of the COW file the daemon
     # created or verified as this minor's: the only file destroy may unlink
+    readers: int = 0  # open connections to elastio-snapN (a mounted snapshot, a copy)
 
     @property
     def state(self) -> int:
@@ -107,7 +108,8 @@ class Minor:
             h = t.cow.header
             d.update(fallocate=h.fallocate, seq_id=h.seq_id, uuid=h.uuid.hex(),
                      version=h.version, nr_changed_blocks=t.nr_changed)
-        if self.error:
+        if self.error:  # the errno, as elastio-snap gives it, and why (for the admin)
             d["error"] = self.error
+            d["error_text"] = self.why
         d["state"] = self.state
         return d

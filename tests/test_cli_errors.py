@@ -340,6 +340,7 @@ def test_to_incremental_when_the_snapshot_has_failed(d, tmp_path):
         h.flush()
         wait_for(lambda: "error" in d.info(0), what="the snapshot of minor 0 to fail")
         assert d.info(0)["error"] == -errno.EFBIG and d.info(0)["state"] == 3
+        assert "reached its limit" in d.info(0)["error_text"]  # why, not just a number
         fails(d, errno.EINVAL, "transition-to-incremental", "0", watch=[tmp_path])
     finally:
         h.shutdown()

@@ -613,6 +613,9 @@ class EngineModel(RuleBasedStateMachine):
                 del expected[key]
         if s.failed:
             expected["error"] = EFBIG
+            text = devices[0].get("error_text", "") if devices else ""
+            assert "reached its limit" in text or "had already failed" in text, devices
+            expected["error_text"] = text
         if s.over_count and not s.untracked and len(devices) == 1:
             counted = devices[0].get("nr_changed_blocks", -1)
             assert len(s.touched) <= counted <= nr_blocks(self.size), \

@@ -80,3 +80,28 @@ def test_the_embedded_origin_is_served_as_disk0():
         .choices.values())
     assert f"{serve.DEFAULT_ORIGIN}=disk0" in help_text
     assert "SIGHUP does not stop it" in help_text
+
+
+def test_destroy_of_a_snapshot_in_use_says_so(tmp_path):
+    """elioctl destroy is allowed while elastio-snapN is open (as in elastio-snap), but it
+    says on stderr and in the log that those readers now fail."""
+    import nbd
+    origin = sparse_file(str(tmp_path / "disk0.img"), 16 * MiB)
+    state = str(tmp_path / "state")
+    d = Daemon(str(tmp_path / "run"), [(origin, "disk0")], state_dir=state)
+    d.start()
+    try:
+        d.elioctl("setup-snapshot", "disk0", str(tmp_path / "cow1"), "0")
+        reader = nbd.NBD()
+        reader.connect_uri(d.uri("elastio-snap0"))
+        r = d.elioctl("destroy", "0")
+        assert r.returncode == 0
+        assert "elastio-snap0 had 1 open connection(s)" in r.stderr, r.stderr
+        with open(os.path.join(state, "daemon.log")) as f:
+            assert "destroyed with 1 clients on elastio-snap0" in f.read()
+        reader.shutdown()
+        d.elioctl("setup-snapshot", "disk0", str(tmp_path / "cow2"), "0")
+        r = d.elioctl("destroy", "0")  # nobody reading: nothing to say
+        assert r.returncode == 0 and "open connection" not in r.stderr, r.stderr
+    finally:
+        assert d.stop() == 0
