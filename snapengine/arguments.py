@@ -12,6 +12,7 @@ from typing import Any, Iterable
 
 from .errors import SnapError
 from .origin import Origin
+from .units import MB, MiB
 
 MAX_MINORS_LIMIT = 255  # --max-minors N gives minors 0..N-1
 EXPORT_PREFIX = "elastio-snap"  # snapshot export of minor N: "elastio-snapN"; no origin name
@@ -57,6 +58,31 @@ def megabytes(value: Any, option: str) -> int:
     if value > MAX_MB:
         raise SnapError(errno.EINVAL, f"{option} {value} MB is too large (at most {MAX_MB})")
     return value
+
+
+def cache_bytes(cache_mb: Any, default: int, mb_bytes: int = MB) -> int:
+    """-c in bytes; 0 or absent: ``default``. More than the machine's memory is refused:
+    a user who typed bytes is told the unit."""
+    mb = megabytes(cache_mb, "-c")
+    memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if mb * mb_bytes > memory:
+        raise SnapError(errno.EINVAL, f"-c {mb} MB is more than this machine's memory "
+                        f"({memory // mb_bytes} MB): -c is in MB, not bytes")
+    return mb * mb_bytes if mb else default
+
+
+def fallocate_bytes(fallocate_mb: Any, origin: Origin, percent: float,
+                    mb_bytes: int = MB) -> int:
+    """-f in bytes; 0 or absent: ``percent`` of the origin, at least 1 MiB. More than the
+    origin (in whole MB) is refused: no snapshot can save more."""
+    mb = megabytes(fallocate_mb, "-f")
+    most = -(-origin.size // mb_bytes)
+    if mb > most:
+        raise SnapError(errno.EINVAL, f"-f {mb} MB is more than the origin {origin.path} "
+                        f"({most} MB): -f is in MB, not bytes")
+    if mb:
+        return mb * mb_bytes
+    return max(MiB, int(origin.size * percent / 100))
 
 
 def find_origin(origins: Iterable[Origin], spec: Any, path: str | None = None) -> Origin:

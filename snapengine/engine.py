@@ -32,10 +32,11 @@ from .arguments import (
     DEFAULT_FALLOCATE_PERCENT,
     DEFAULT_MAX_MINORS,
     EXPORT_PREFIX,
+    cache_bytes,
     check_origin_names,
     check_settings,
+    fallocate_bytes,
     find_origin,
-    megabytes,
     minor_number,
     new_cow_path,
     reload_cow_path,
@@ -60,7 +61,7 @@ from .transitions import (
     ToIncremental,
     chain_file,
 )
-from .units import MB, MiB
+from .units import MB
 
 log = logging.getLogger(__name__)
 
@@ -384,26 +385,10 @@ class Engine:
         return m
 
     def _cache_bytes(self, cache_mb: Any) -> int:
-        """-c in bytes; 0 or absent: --cache-default. More than the machine's memory is
-        refused: a user who typed bytes is told the unit."""
-        mb = megabytes(cache_mb, "-c")
-        memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        if mb * MB > memory:
-            raise SnapError(errno.EINVAL, f"-c {mb} MB is more than this machine's memory "
-                            f"({memory // MB} MB): -c is in MB, not bytes")
-        return mb * MB if mb else self.cache_default
+        return cache_bytes(cache_mb, self.cache_default, MB)
 
     def _fallocate_bytes(self, fallocate_mb: Any, origin: Origin) -> int:
-        """-f in bytes; 0 or absent: --fallocate-percent of the origin, at least 1 MiB.
-        More than the origin (in whole MB) is refused: no snapshot can save more."""
-        mb = megabytes(fallocate_mb, "-f")
-        most = -(-origin.size // MB)
-        if mb > most:
-            raise SnapError(errno.EINVAL, f"-f {mb} MB is more than the origin {origin.path} "
-                            f"({most} MB): -f is in MB, not bytes")
-        if mb:
-            return mb * MB
-        return max(MiB, int(origin.size * self.fallocate_percent / 100))
+        return fallocate_bytes(fallocate_mb, origin, self.fallocate_percent, MB)
 
     def _new_flags(self) -> int:
         return FLAG_DURABLE if self.durable else 0
