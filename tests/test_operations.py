@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -16,7 +17,18 @@ import signal
 import pytest
 
 from snapengine import serve
-from tests.harness import Daemon, export_digest, sparse_file, wait_for
+from tests.harness import (
+    Daemon,
+    attached,
+    digest,
+    export_digest,
+    frozen,
+    mounted,
+    require,
+    run,
+    sparse_file,
+    wait_for,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -105,3 +117,80 @@ def test_destroy_of_a_snapshot_in_use_says_so(tmp_path):
         assert r.returncode == 0 and "open connection" not in r.stderr, r.stderr
     finally:
         assert d.stop() == 0
+
+
+@contextlib.contextmanager
+def readonly_loop(path: str):
+    """``losetup -r``: a read-only loop device on ``path``, detached on the way out."""
+    dev = run(["losetup", "-r", "-f", "--show", path]).stdout.strip()
+    try:
+        yield dev
+    finally:
+        run(["losetup", "-d", dev], check=False)
+
+
+def test_the_restore_procedures_of_docs_operations(tmp_path):
+    """docs/operations.md, "Restoring": a file from the backup image mounted read-only,
+    then the whole disk written back through the origin export with nbdcopy; the restore
+    is tracked, so the next change list holds the blocks it changed back."""
+    require("nbdcopy", "mkfs.ext4", "fsfreeze", "losetup")
+    origin = sparse_file(str(tmp_path / "disk0.img"), 128 * MiB)
+    image = str(tmp_path / "full.img")
+    content = os.urandom(2 * MiB)
+    d = Daemon(str(tmp_path / "run"), [(origin, "disk0")], state_dir=str(tmp_path / "state"))
+    d.start()
+    try:
+        with attached(d.uri("disk0"), str(tmp_path / "fuse")) as dev:
+            run(["mkfs.ext4", "-q", "-F", dev])
+            with mounted(dev, str(tmp_path / "fs")) as fs:
+                with open(os.path.join(fs, "precious"), "wb") as f:
+                    f.write(content)
+                with frozen(fs):
+                    d.elioctl("setup-snapshot", "disk0", str(tmp_path / "cow1"), "0")
+                r = d.update_img("--full", "0", image)
+                assert r.returncode == 0, r.stderr
+                d.elioctl("transition-to-incremental", "0")
+                with open(os.path.join(fs, "precious"), "r+b") as f:  # the accident
+                    f.write(bytes(len(content)))
+            with readonly_loop(image) as backup:  # a file: from the image, read-only
+                with mounted(backup, str(tmp_path / "restore"), "ro,noload") as restore:
+                    with open(os.path.join(restore, "precious"), "rb") as f:
+                        assert f.read() == content
+        # the whole disk, through the origin export: unmounted and detached first (the
+        # loop device and nbdfuse cache the old blocks), then nbdcopy, then attach again
+        run(["nbdcopy", image, d.uri("disk0")])
+        assert digest(origin) == digest(image)
+        with attached(d.uri("disk0"), str(tmp_path / "fuse")) as dev:
+            with mounted(dev, str(tmp_path / "fs")) as fs:
+                with open(os.path.join(fs, "precious"), "rb") as f:
+                    assert f.read() == content, "the restored disk lost the file"
+        d.elioctl("transition-to-snapshot", str(tmp_path / "cow2"), "0")
+        listed = d.elioctl("changed-blocks", str(tmp_path / "cow1")).stdout.split()
+        assert listed, "the restore was not tracked: the next incremental would miss it"
+    finally:
+        assert d.stop() == 0
+
+
+def test_a_stop_with_a_client_attached_is_clean_and_leaves_no_socket(tmp_path):
+    """SIGTERM while a client is still connected (what docs/operations.md says not to do,
+    but what happens): exit 0, the log says every COW file was closed cleanly, and no
+    stale socket is left for the next start to trip over."""
+    import nbd
+    origin = sparse_file(str(tmp_path / "disk0.img"), 16 * MiB)
+    state = str(tmp_path / "state")
+    d = Daemon(str(tmp_path / "run"), [(origin, "disk0")], state_dir=state)
+    d.start()
+    client = nbd.NBD()
+    try:
+        client.connect_uri(d.uri("disk0"))
+        d.elioctl("setup-snapshot", "disk0", str(tmp_path / "cow1"), "0")
+        assert d.stop() == 0
+    finally:
+        try:
+            client.shutdown()
+        except nbd.Error:
+            pass  # the daemon is gone: nothing to tell it
+    with open(os.path.join(state, "daemon.log")) as f:
+        assert "tracking stopped: every COW file closed cleanly" in f.read()
+    for sock in ("ctl.sock", "nbd.sock"):
+        assert not os.path.exists(os.path.join(d.run_dir, sock)), f"{sock} left behind"
