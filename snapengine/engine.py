@@ -205,7 +205,8 @@ class Engine:
                 self._verify(m)
             else:
                 Clients(m, active=True).run()
-            log.info("minor %d: active (state %d)", m.number, m.state)
+            if m.phase == ACTIVE:  # not after a check that failed: it stays unverified
+                log.info("minor %d: active (state %d)", m.number, m.state)
             self.publish()
 
     def _verify(self, m: Minor) -> None:

@@ -18,8 +18,8 @@ A ``Transition`` makes one change in three steps, and undoes it in one place:
 
 ``run`` calls them in order; if prepare or persist raises, every undo recorded so far
 runs, newest first, and the error is raised as it was: the minor, its files and the
-registry are as before. An undo that fails itself is logged, and the transition's
-``undo_failed`` says what that costs (a change list that cannot be put back fails).
+registry are as before. An undo that fails itself is logged; an undo that cannot put a
+change list's header back fails that list itself (transitions.restore_header).
 """
 
 from __future__ import annotations
@@ -95,9 +95,6 @@ class Transition:
         """Record the undo of a step just done."""
         self._undo.append((what, undo))
 
-    def undo_failed(self, what: str, e: BaseException) -> None:
-        """An undo could not be done; by default only logged."""
-
     def rollback(self) -> None:
         while self._undo:
             what, undo = self._undo.pop()
@@ -105,7 +102,6 @@ class Transition:
                 undo()
             except Exception as e:
                 log.error("cannot undo %s: %s", what, e)
-                self.undo_failed(what, e)
 
     def run(self) -> None:
         try:

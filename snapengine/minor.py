@@ -25,7 +25,6 @@ from .tracker import CowTracker, IncrementalTracker, SnapshotTracker
 
 SNAPSHOT = "snapshot"
 INCREMENTAL = "incremental"
-MODES = (SNAPSHOT, INCREMENTAL)
 
 UNVERIFIED = "unverified"
 DORMANT = "dormant"

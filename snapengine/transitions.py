@@ -50,6 +50,16 @@ def new_tracker(m: Minor, cow: CowFile, mode: str) -> CowTracker:
     return tracker_kind(mode)(cow, m.origin.io, m.max_cache, m.health)
 
 
+def restore_header(tracker: CowTracker, clean: bool, flags: int | None = None) -> None:
+    """Undo a header write of a list that goes on: write it back as it was (dirty, or
+    clean when dormant). If that fails, the header is unknown: the list fails."""
+    try:
+        tracker.checkpoint(clean, flags=flags)
+    except OSError as e:
+        tracker.fail(e)
+        raise
+
+
 @contextmanager
 def own_file(tracker: CowTracker, what: str) -> Iterator[None]:
     """Steps on the minor's own COW file: an I/O error there is not undone. After a
@@ -92,12 +102,8 @@ class Install(Transition):
             was_clean = self.old.phase == DORMANT
             with own_file(old, "close the change list in"):
                 old.checkpoint(clean=True)
-            self.did(f"closing {old.cow.path}", lambda: old.checkpoint(clean=was_clean))
+            self.did(f"closing {old.cow.path}", lambda: restore_header(old, was_clean))
         self.save({**self.minors, self.m.number: replace(self.m, tracker=self.tracker)})
-
-    def undo_failed(self, what: str, e: BaseException) -> None:
-        if self.old is not None and self.old.tracker is not None:
-            self.old.tracker.fail(e)  # the old list's header is unknown: it is broken
 
     def commit(self) -> None:
         m, old = self.m, self.old
@@ -129,12 +135,8 @@ class ToIncremental(Transition):
         flags, clean = old.cow.header.flags, m.phase == DORMANT
         with own_file(old, "make incremental"):
             old.mark_incremental(clean)
-            self.did(f"the header of {old.cow.path}", lambda: old.checkpoint(clean, flags=flags))
+            self.did(f"the header of {old.cow.path}", lambda: restore_header(old, clean, flags))
             self.new = new_tracker(m, old.cow, INCREMENTAL)
-
-    def undo_failed(self, what: str, e: BaseException) -> None:
-        if self.m.tracker is not None and what.startswith("the header"):
-            self.m.tracker.fail(e)
 
     def commit(self) -> None:
         m = self.m

@@ -308,3 +308,22 @@ def test_design_doc_prints_the_state_table():
         return "gone" if target == -1 else str(target)
 
     assert printed == {op: [cell(TABLE[op][s]) for s in range(6)] for op in TABLE}
+
+
+def test_an_undo_that_fails_elsewhere_does_not_fail_the_old_list(world, monkeypatch):
+    """transition-to-snapshot fails at the registry, and removing the new COW file fails
+    too: that costs a stray file (logged), not the change list that goes on."""
+    from snapengine import transitions
+
+    def cannot_remove(cow) -> None:
+        cow.close()
+        raise OSError(errno.EIO, f"cannot unlink {cow.path}")
+    world.plan.pattern = os.path.join(world.run_dir, "registry.json*")  # faults: there only
+    world.bring(2)
+    monkeypatch.setattr(transitions, "discard_cow", cannot_remove)
+    world.plan.inject("fsync", errno.ENOSPC)
+    with pytest.raises(OSError) as e:
+        world.engine.transition_to_snapshot(world.cow(), 0, 4)
+    assert e.value.errno == errno.ENOSPC
+    info = world.engine.info(0)
+    assert info["state"] == 2 and "error" not in info, info
