@@ -60,6 +60,14 @@ def megabytes(value: Any, option: str) -> int:
     return value
 
 
+def expand_megabytes(value: Any) -> int:
+    """expand-cow-file's <MB>: a whole number, at least 1."""
+    mb = megabytes(value, "expand-cow-file <MB>")
+    if not mb:
+        raise SnapError(errno.EINVAL, "expand-cow-file <MB> must be at least 1 MB")
+    return mb
+
+
 def cache_bytes(cache_mb: Any, default: int, mb_bytes: int = MB) -> int:
     """-c in bytes; 0 or absent: ``default``. More than the machine's memory is refused:
     a user who typed bytes is told the unit."""

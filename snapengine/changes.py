@@ -4,15 +4,17 @@ A block is changed when its index entry says so (entry.py: ``(s, c)`` or ``(MARK
 an AHEAD entry is saved, not changed). The index is read through SEEK_DATA/SEEK_HOLE,
 so the cost follows the number of index pages ever written, not the origin size. One
 pass checks every entry, counts the changed blocks, finds the highest slot named and
-merges the changed blocks into extents.
+merges the changed blocks into extents. Several change lists of one chain merge into
+one (``union``): each changed block once, whichever lists name it.
 """
 
 from __future__ import annotations
 
 import errno
+import heapq
 from array import array
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from .cowfile import FLAG_FAILED, INDEX_OFFSET, PAGE_BLOCKS, PAGE_SIZE, CowFile, Header
 from .entry import bit_runs, top_slot
@@ -55,9 +57,38 @@ class Scan:
 
     def byte_extents(self, origin_size: int) -> Iterator[tuple[int, int]]:
         """(offset, length) in bytes, the last one clipped to the origin size."""
-        for i in range(0, len(self.extents), 2):
-            offset = self.extents[i] * BLOCK_SIZE
-            yield offset, min(self.extents[i + 1] * BLOCK_SIZE, origin_size - offset)
+        return byte_extents(self.extents, origin_size)
+
+
+def runs(extents: array) -> Iterator[tuple[int, int]]:
+    """The (block, count) pairs of an extents array."""
+    for i in range(0, len(extents), 2):
+        yield extents[i], extents[i + 1]
+
+
+def byte_extents(extents: array, origin_size: int) -> Iterator[tuple[int, int]]:
+    """(offset, length) in bytes of block extents, the last one clipped to the origin size."""
+    for block, count in runs(extents):
+        offset = block * BLOCK_SIZE
+        yield offset, min(count * BLOCK_SIZE, origin_size - offset)
+
+
+def union(scans: Iterable[Scan]) -> array:
+    """The changed blocks of several scans as one extents array (block, count, ...),
+    ascending, each block once: runs that overlap or touch are joined. Each scan's own
+    extents are ascending, so a k-way merge keeps it one pass."""
+    merged = array("Q")
+    for block, count in heapq.merge(*(runs(s.extents) for s in scans)):
+        if merged and block <= merged[-2] + merged[-1]:
+            merged[-1] = max(merged[-1], block + count - merged[-2])
+        else:
+            merged.extend((block, count))
+    return merged
+
+
+def nr_extent_blocks(extents: array) -> int:
+    """How many blocks an extents array covers."""
+    return sum(extents[1::2])
 
 
 def scan(cow: CowFile, nr_slots: int | None = None) -> Scan:
@@ -92,9 +123,8 @@ def verify_index(cow: CowFile) -> Scan:
 
 def changed_blocks(cow: CowFile) -> Iterator[int]:
     """Every changed block of ``cow``, ascending (its index checked on the way)."""
-    ext = scan(cow).extents
-    for i in range(0, len(ext), 2):
-        yield from range(ext[i], ext[i] + ext[i + 1])
+    for block, count in runs(scan(cow).extents):
+        yield from range(block, block + count)
 
 
 @dataclass

@@ -11,12 +11,14 @@ import errno
 import json
 import os
 import sys
+import textwrap
 from typing import Any, Callable, NoReturn
 
-from . import __version__, changes
+from . import __version__, changes, control, watchcli
 from .arguments import DEFAULT_CACHE_MB, DEFAULT_FALLOCATE_PERCENT, EXPORT_PREFIX
 from .control import request
 from .errors import SnapError
+from .events import EVENTS
 from .rundir import DEFAULT_RUN_DIR, NBD_SOCKET, RUN_DIR_ENV, RunDir, default_run_dir
 from .units import BLOCK_SIZE
 
@@ -25,8 +27,8 @@ Control the snapengine daemon: point-in-time snapshots of the block devices (ori
 it serves over NBD, and tracking of the blocks changed between snapshots.
 
 A snapshot of minor N is served read-only as the NBD export "{EXPORT_PREFIX}N" on the
-daemon's socket (DIR/{NBD_SOCKET}). Sizes (-c, -f) are in MB. Exit status is 0 on
-success, else the errno of the failure.
+daemon's socket (DIR/{NBD_SOCKET}). Sizes (-c, -f, -r, <MB>) are in MB (2^20 bytes).
+Exit status is 0 on success, else the errno of the failure.
 """
 
 EPILOG = f"""\
@@ -36,6 +38,11 @@ backup cycle:
   elioctl transition-to-incremental 4                        # state 2: only changes kept
   elioctl transition-to-snapshot /var/backup/cow2 4          # state 3, seq_id + 1
   update-img 4 /var/backup/cow1 full.img                     # copy just what changed
+
+room for the snapshot, and watching it:
+  elioctl reconfigure-auto-expand -r 1024 256 4   # at the limit: +256 MB, keep 1 GB free
+  elioctl expand-cow-file 512 4                   # +512 MB now, by hand
+  elioctl watch 4                                 # one line per event, until Ctrl-C
 
 states: 0 dormant incremental, 1 dormant snapshot, 2 active incremental,
         3 active snapshot, 4 unverified incremental, 5 unverified snapshot
@@ -69,9 +76,15 @@ def build_parser() -> Parser:
     return parser
 
 
-def _command(sub, name: str, func: Callable, help: str, *args: str) -> Parser:
-    """A sub-command whose positional ``args`` are named from ``ARGUMENTS``."""
-    p = sub.add_parser(name, help=help, description=help)
+def _command(sub, name: str, func: Callable, help: str, *args: str,
+             details: str = "") -> Parser:
+    """A sub-command whose positional ``args`` are named from ``ARGUMENTS``; ``details``
+    (already laid out) follow ``help`` in its --help."""
+    if details:
+        p = sub.add_parser(name, help=help, description=textwrap.fill(help, 88) + "\n\n"
+                           + details, formatter_class=argparse.RawDescriptionHelpFormatter)
+    else:
+        p = sub.add_parser(name, help=help, description=help)
     p.set_defaults(func=func)
     for arg in args:
         flags, kwargs = ARGUMENTS[arg]
@@ -91,6 +104,12 @@ ARGUMENTS: dict[str, tuple[tuple[str, ...], dict]] = {
     "new_cow_file": (("cow_file",), dict(metavar="<cow file>",
                                          help="new file, outside every origin")),
     "minor": (("minor",), dict(metavar="<minor>")),
+    "reserved": (("-r",), dict(dest="reserved_mb", metavar="<reserved MB>",
+                               help="MB that must stay free on the COW file's file system "
+                               "(default 0)")),
+    "size": (("size_mb",), dict(metavar="<MB>", help="how much to add to the limit, in MB")),
+    "step": (("step_mb",), dict(metavar="<step MB>",
+                                help="how much each raise adds, in MB; 0 turns it off")),
 }
 
 
@@ -112,6 +131,50 @@ def _tracking_commands(sub) -> None:
              "file (only one the daemon created or verified)", "minor")
     _command(sub, "reconfigure", reconfigure, "change the index cache limit of a minor, live",
              "cache", "minor")
+    _space_commands(sub)
+
+
+def _space_commands(sub) -> None:
+    _command(sub, "expand-cow-file", expand_cow_file, "raise a snapshot's COW data limit "
+             "('fallocate' in info) by <MB>, live", "size", "minor", details=EXPAND_DETAILS)
+    _command(sub, "reconfigure-auto-expand", reconfigure_auto_expand, "let the daemon raise "
+             "the COW data limit by <step MB> by itself whenever it is reached",
+             "reserved", "step", "minor", details=AUTO_EXPAND_DETAILS)
+
+
+EXPAND_DETAILS = """\
+Only in snapshot mode, active or dormant (states 1 and 3): EINVAL in incremental mode
+or once the snapshot has failed. ENOSPC, and nothing changed, when the file system
+holding the COW file has less than <MB> free.
+"""
+
+AUTO_EXPAND_DETAILS = """\
+Whenever the COW data reaches its limit, the limit grows by <step MB>, as long as at
+least <reserved MB> (-r, default 0) stay free on the COW file's file system: a raise
+happens only when it has <step MB> + <reserved MB> free at that moment. Otherwise the
+snapshot fails as on any overflow (error -27, its export answers EIO) and the change
+list is kept: transition-to-incremental still works. <step MB> 0 turns it off (the
+default). Allowed in every mode; the setting is kept across transitions and restarts.
+'elioctl info' shows it as "auto_expand".
+"""
+
+WATCH_DETAILS = f"""\
+Each line: TIME (ISO 8601, UTC) minor N EVENT (state S), then for
+  failed     error -ERRNO, change list kept (tracking) or lost: why
+  expanded   limit OLD -> NEW (auto-expand or expand-cow-file)
+  space-low  FREE free on the COW file's file system, USED used of the LIMIT limit
+             (free space below the auto-expand reserve, or data past 90 % of the
+             limit with auto-expand off)
+{textwrap.fill("Events: " + ", ".join(EVENTS) + ".", 88)}
+After destroy the state is "gone". --json prints each event as one JSON object with
+at least time, minor, event and state, plus error, tracking, reason (failed),
+old_limit, new_limit, auto (expanded) or free, used, limit (space-low), sizes in
+bytes.
+
+<minor> need not exist yet. Events that happen while nobody watches are not kept.
+Exit 0 on Ctrl-C (SIGINT) and when the daemon stops. A watcher that falls too far
+behind is dropped by the daemon (it never waits for one): exit ENOBUFS.
+"""
 
 
 def _other_commands(sub) -> None:
@@ -123,6 +186,11 @@ def _other_commands(sub) -> None:
     p = _command(sub, "info", info, "print the state of every minor (or one) as JSON")
     p.add_argument("minor", metavar="<minor>", nargs="?")
     _command(sub, "get-free-minor", get_free_minor, "print the lowest minor not in use")
+    p = _command(sub, "watch", watch, "print the daemon's events (of every minor, or of "
+                 "<minor>) as they happen, one line each", details=WATCH_DETAILS)
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument("minor", metavar="<minor>", nargs="?",
+                   help="only this minor's events (it need not exist yet)")
     _command(sub, "help", show_help, "show this help")
 
 
@@ -172,6 +240,23 @@ def destroy(args: argparse.Namespace) -> None:
 
 def reconfigure(args: argparse.Namespace) -> None:
     request(_socket(args), "reconfigure", minor=args.minor, **_opts(args, "cache_mb"))
+
+
+def expand_cow_file(args: argparse.Namespace) -> None:
+    request(_socket(args), "expand-cow-file", minor=args.minor, size_mb=args.size_mb)
+
+
+def reconfigure_auto_expand(args: argparse.Namespace) -> None:
+    request(_socket(args), "reconfigure-auto-expand", minor=args.minor, step_mb=args.step_mb,
+            **_opts(args, "reserved_mb"))
+
+
+def watch(args: argparse.Namespace) -> None:
+    """Until Ctrl-C or the daemon stops (exit 0); SnapError (ENOBUFS) if dropped."""
+    try:
+        watchcli.follow(control.watch(_socket(args), args.minor), args.json)
+    except KeyboardInterrupt:
+        pass
 
 
 def info(args: argparse.Namespace) -> None:

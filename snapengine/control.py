@@ -6,6 +6,13 @@ One request per line, one response per line (docs/control-protocol.md)::
     <- {"ok": true, "result": null}
     <- {"ok": false, "errno": 16, "message": "Device or resource busy: minor 4 is ..."}
 
+except ``watch``, which turns its connection into a stream of events, one per line::
+
+    -> {"op": "watch", "minor": 4}
+    <- {"ok": true, "result": "watching"}
+    <- {"event": {"time": "...", "minor": 4, "event": "dormant", "state": 1}}
+    <- {"ok": true, "result": "end"}          (or an ENOBUFS error: dropped)
+
 The server checks the peer (SO_PEERCRED: root or the daemon's uid), the size of a
 request, its JSON, its op and the type of every field, and gives each connection a
 deadline. Anything wrong is answered with EINVAL (or EACCES for a stranger) and never
@@ -18,11 +25,13 @@ import errno
 import json
 import logging
 import os
+import queue
+import select
 import socket
 import struct
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from .errors import SnapError
 
@@ -32,10 +41,17 @@ MAX_REQUEST = 64 * 1024  # bytes in one request line
 CONN_TIMEOUT = 30.0  # seconds a client may take to send one whole request
 MAX_CONNECTIONS = 64  # connections served at once; more are refused with EAGAIN
 MAX_DEPTH = 1  # a request is a flat object: no nested arrays or objects
+MAX_WATCHERS = 16  # watch connections at once (each also holds a connection slot); more: EAGAIN
+WATCH_POLL = 1.0  # seconds between looks at a quiet watcher's peer (gone?) and drop flag
+WATCH_SEND_TIMEOUT = 10.0  # seconds one event may take to send; longer ends the watch
+MAX_REPLY = 16 * MAX_REQUEST  # bytes the client reads of one reply line
+DROPPED = "this watcher fell behind and was dropped"  # the ENOBUFS message
 
 STR = (str,)
 MINOR = (str, int)  # the engine checks "not a number" itself, with EINVAL
-OPT_MB = (str, int, type(None))
+MB_FIELD = (str, int)  # a required size in MB; the engine checks the number
+OPT_MB = MB_FIELD + (type(None),)
+OPT_MINOR = MINOR + (type(None),)
 
 # op -> (engine method name, {field: accepted types}, required fields)
 OPS: dict[str, tuple[str, dict[str, tuple], tuple[str, ...]]] = {
@@ -56,7 +72,13 @@ OPS: dict[str, tuple[str, dict[str, tuple], tuple[str, ...]]] = {
                                ("cow_file", "minor")),
     "destroy": ("destroy", {"minor": MINOR}, ("minor",)),
     "reconfigure": ("reconfigure", {"minor": MINOR, "cache_mb": OPT_MB}, ("minor",)),
-    "info": ("info", {"minor": MINOR + (type(None),)}, ()),
+    "expand-cow-file": ("expand_cow_file", {"minor": MINOR, "size_mb": MB_FIELD},
+                        ("minor", "size_mb")),
+    "reconfigure-auto-expand": ("reconfigure_auto_expand", {"minor": MINOR, "step_mb": MB_FIELD,
+                                                            "reserved_mb": OPT_MB},
+                                ("minor", "step_mb")),
+    "info": ("info", {"minor": OPT_MINOR}, ()),
+    "watch": ("watch", {"minor": OPT_MINOR}, ()),  # a stream: ControlServer._watch
     "get-free-minor": ("get_free_minor", {}, ()),
     "shutdown": ("shutdown", {}, ()),  # for `snapengine serve` on SIGTERM; not in elioctl
 }
@@ -129,13 +151,19 @@ def peer_uid(conn: socket.socket) -> int:
 
 
 class ControlServer:
-    """Serves control requests for ``engine`` on a Unix socket, one thread per client."""
+    """Serves control requests for ``engine`` on a Unix socket, one thread per client.
+
+    A ``watch`` keeps its connection (and its thread and connection slot) for as long as it
+    streams; at most MAX_WATCHERS do at once, so watchers leave MAX_CONNECTIONS -
+    MAX_WATCHERS slots to ordinary requests whatever they do. The engine never waits for a
+    watcher: events reach it through a bounded queue (events.EventBus)."""
 
     def __init__(self, engine: Any, path: str) -> None:
         self.engine = engine
         self.path = path
         self._sock: socket.socket | None = None
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self._watch_slots = threading.BoundedSemaphore(MAX_WATCHERS)  # a subset of _slots
         self._thread: threading.Thread | None = None
         self._stopping = False
 
@@ -201,9 +229,8 @@ class ControlServer:
                 return
             while True:
                 line = _read_request(conn, time.monotonic() + CONN_TIMEOUT)
-                if line is None:
+                if line is None or not self._answer(conn, line):
                     return
-                conn.sendall(self.handle(line))
         except SnapError as e:  # too long, or too slow
             try:
                 conn.sendall(encode_error(e))
@@ -215,20 +242,112 @@ class ControlServer:
             conn.close()
             self._slots.release()
 
-    def handle(self, line: bytes) -> bytes:
-        """Answer one request line; never raises."""
+    def _answer(self, conn: socket.socket, line: bytes) -> bool:
+        """Answer one request line on ``conn``; False once the connection is done (a
+        watch that streamed ends it)."""
         try:
             op, args = parse_request(line)
+        except SnapError as e:
+            conn.sendall(encode_error(e))
+            return True
+        if op == "watch":
+            return self._watch(conn, args)
+        conn.sendall(self._call(op, args))
+        return True
+
+    def _call(self, op: str, args: dict[str, Any]) -> bytes:
+        """The reply to a checked request (any op but ``watch``); never raises."""
+        try:
             method: Callable[..., Any] = getattr(self.engine, OPS[op][0])
-            result = method(**args)
-            return json.dumps({"ok": True, "result": result}).encode() + b"\n"
-        except OSError as e:
-            if not isinstance(e, SnapError):
-                e = SnapError(e.errno or errno.EIO, str(e))
-            return encode_error(e)
-        except Exception as e:  # a bug: say so, keep serving
-            log.exception("control request failed")
-            return encode_error(SnapError(errno.EIO, f"internal error: {type(e).__name__}: {e}"))
+            return _success(method(**args))
+        except Exception as e:
+            return _failure(e)
+
+    def _watch(self, conn: socket.socket, args: dict[str, Any]) -> bool:
+        """A watch: stream until it ends (False: hang up), or refuse it (True: the
+        connection goes on, as after any error reply)."""
+        if not self._watch_slots.acquire(blocking=False):
+            conn.sendall(encode_error(SnapError(errno.EAGAIN, "too many watchers (at most "
+                                                f"{MAX_WATCHERS} at once)")))
+            return True
+        try:
+            try:
+                w = self.engine.watch(**args)
+            except Exception as e:
+                conn.sendall(_failure(e))
+                return True
+            try:
+                _stream(conn, w)
+            finally:
+                self.engine.events.unsubscribe(w)
+            return False
+        finally:
+            self._watch_slots.release()
+
+
+def _stream(conn: socket.socket, w: Any) -> None:
+    """Send "watching", then each event of watcher ``w`` as it comes, then "end" (or
+    ENOBUFS if it was dropped). A client that hangs up, or does not take an event within
+    WATCH_SEND_TIMEOUT, ends it; nothing else waits for the send."""
+    conn.settimeout(WATCH_SEND_TIMEOUT)
+    try:
+        conn.sendall(_success("watching"))
+        while True:
+            event = _next_event(conn, w)
+            if w.dropped:  # it missed events: say so rather than go on with a gap
+                conn.sendall(encode_error(SnapError(errno.ENOBUFS, DROPPED)))
+                return
+            if event is None:
+                conn.sendall(_success("end"))
+                return
+            conn.sendall(json.dumps({"event": event}).encode() + b"\n")
+    except socket.timeout:
+        log.warning("control: a watcher did not read an event within %.0f s; watch ended",
+                    WATCH_SEND_TIMEOUT)
+    except OSError as e:
+        log.debug("control: a watcher went away (%s)", e)
+
+
+def _next_event(conn: socket.socket, w: Any) -> dict | None:
+    """The next event of ``w`` (None: its end, or it was dropped), looking every
+    WATCH_POLL seconds whether the client is still there (ConnectionAbortedError)."""
+    while not w.dropped:
+        try:
+            return w.next(timeout=WATCH_POLL)
+        except queue.Empty:
+            if _peer_gone(conn):
+                raise ConnectionAbortedError(errno.ECONNABORTED, "the client hung up")
+    return None
+
+
+def _peer_gone(conn: socket.socket) -> bool:
+    """Has the client closed its socket (POLLHUP)? A half-close, shutdown(SHUT_WR) as
+    ``socat`` does after the request, is not gone: it still reads. Whatever it sends
+    meanwhile is read and ignored, so that closing never resets unread data."""
+    poller = select.poll()
+    poller.register(conn, select.POLLIN)
+    for _, flags in poller.poll(0):
+        if flags & (select.POLLHUP | select.POLLERR | select.POLLNVAL):
+            return True
+        try:
+            conn.recv(MAX_REQUEST, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            pass
+    return False
+
+
+def _success(result: Any) -> bytes:
+    return json.dumps({"ok": True, "result": result}).encode() + b"\n"
+
+
+def _failure(e: Exception) -> bytes:
+    """The error reply for what an engine call raised: an OSError keeps its errno; anything
+    else is a bug (logged), EIO."""
+    if isinstance(e, OSError):
+        return encode_error(e if isinstance(e, SnapError)
+                            else SnapError(e.errno or errno.EIO, str(e)))
+    log.error("control request failed", exc_info=e)
+    return encode_error(SnapError(errno.EIO, f"internal error: {type(e).__name__}: {e}"))
 
 
 def _read_request(conn: socket.socket, deadline: float) -> bytes | None:
@@ -309,22 +428,71 @@ def request(path: str, op: str, **args: Any) -> Any:
     """Send one request to the daemon at ``path``; return its result or raise SnapError."""
     sock = _connect(path)
     try:
-        try:
-            sock.sendall(json.dumps({"op": op, **args}).encode() + b"\n")
-        except OSError:
-            pass  # a refusing daemon may hang up first: its answer is still there to read
-        try:
-            line = sock.makefile("rb").readline(16 * MAX_REQUEST)
-        except OSError as e:
-            raise SnapError(e.errno or errno.EIO, f"no answer from the daemon at {path}: {e}")
+        _send(sock, {"op": op, **args})
+        line = _read_line(sock.makefile("rb"), path)
     finally:
         sock.close()
-    if not line:
+    return _result(path, line)
+
+
+def watch(path: str, minor: Any = None) -> Iterator[dict]:
+    """The daemon's events (of ``minor``, or of every minor) as they happen, until the
+    daemon stops: its "end" line, or the connection closing. SnapError if the watch is
+    refused, and ENOBUFS if the daemon dropped this watcher for falling behind."""
+    sock = _connect(path)
+    try:
+        _send(sock, {"op": "watch"} if minor is None else {"op": "watch", "minor": minor})
+        replies = sock.makefile("rb")
+        if _result(path, _read_line(replies, path)) != "watching":
+            raise SnapError(errno.EPROTO, f"the daemon at {path} did not start the watch")
+        sock.settimeout(None)  # events may be hours apart
+        while True:
+            line = _read_line(replies, path, end_ok=True)
+            if not line:
+                return  # the daemon is gone
+            reply = _parse(path, line)
+            if "event" not in reply:
+                _result(path, line)  # raises for an error line; "end" otherwise
+                return
+            yield reply["event"]
+    finally:
+        sock.close()
+
+
+def _send(sock: socket.socket, req: dict[str, Any]) -> None:
+    try:
+        sock.sendall(json.dumps(req).encode() + b"\n")
+    except OSError:
+        pass  # a refusing daemon may hang up first: its answer is still there to read
+
+
+def _read_line(replies: Any, path: str, end_ok: bool = False) -> bytes:
+    """One reply line. The end of the stream, or a reset, is ECONNRESET; for a watch
+    (``end_ok``: the daemon stopped, or died) it is b""."""
+    try:
+        line = replies.readline(MAX_REPLY)
+    except ConnectionResetError:
+        line = b""
+    except OSError as e:
+        raise SnapError(e.errno or errno.EIO, f"no answer from the daemon at {path}: {e}")
+    if not line and not end_ok:
         raise SnapError(errno.ECONNRESET, f"the daemon at {path} closed the connection")
+    return line
+
+
+def _parse(path: str, line: bytes) -> dict[str, Any]:
     try:
         reply = json.loads(line)
     except ValueError:
+        reply = None
+    if not isinstance(reply, dict):
         raise SnapError(errno.EPROTO, f"the daemon at {path} answered garbage: {line[:80]!r}")
+    return reply
+
+
+def _result(path: str, line: bytes) -> Any:
+    """The result of a reply line, or its error raised as SnapError."""
+    reply = _parse(path, line)
     if reply.get("ok"):
         return reply.get("result")
     raise SnapError(int(reply.get("errno") or errno.EIO), str(reply.get("message")))

@@ -57,7 +57,9 @@ FLAG_CLEAN = 1 << 0  # index and header complete and synced; no writer since
 FLAG_INCREMENTAL = 1 << 1  # index only: the data area has been released
 FLAG_FAILED = 1 << 2  # the snapshot failed; ``error`` says why
 FLAG_DURABLE = 1 << 3  # saved data and entries were synced before each origin overwrite
-FLAGS_KNOWN = FLAG_CLEAN | FLAG_INCREMENTAL | FLAG_FAILED | FLAG_DURABLE
+FLAG_KEPT = 1 << 4  # with FLAG_FAILED: the COW store overflowed, the data area was
+# released, the index is still a whole change list (as in an incremental file)
+FLAGS_KNOWN = FLAG_CLEAN | FLAG_INCREMENTAL | FLAG_FAILED | FLAG_DURABLE | FLAG_KEPT
 
 # 136-byte header at offset 0; the rest of the first 4096 bytes must be zero.
 HEADER = struct.Struct(
@@ -209,6 +211,16 @@ class Header:
     @property
     def incremental(self) -> bool:
         return bool(self.flags & FLAG_INCREMENTAL)
+
+    @property
+    def kept(self) -> bool:
+        """Failed by an overflow, the change list kept (FLAG_KEPT)."""
+        return bool(self.flags & FLAG_FAILED and self.flags & FLAG_KEPT)
+
+    @property
+    def index_only(self) -> bool:
+        """The data area is gone; the index is only a change list."""
+        return self.incremental or self.kept
 
     @property
     def durable(self) -> bool:

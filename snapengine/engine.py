@@ -35,31 +35,45 @@ from .arguments import (
     cache_bytes,
     check_origin_names,
     check_settings,
+    expand_megabytes,
     fallocate_bytes,
     find_origin,
+    megabytes,
     minor_number,
     new_cow_path,
     reload_cow_path,
 )
 from .cowfile import FLAG_DURABLE, Header, boot_id
 from .errors import SnapError
+from .events import Watcher
 from .exports import FailedSnapshotExport, OriginExport, SnapshotExport
 from .fileio import FileIO, atomic_write
-from .health import Health
-from .lifecycle import DESTROY, RECONFIGURE, TO_INCREMENTAL, TO_SNAPSHOT, require
-from .minor import ACTIVE, DORMANT, INCREMENTAL, SNAPSHOT, UNVERIFIED, Minor
-from .origin import AbsentOrigin, Origin, open_exclusive
+from .lifecycle import (
+    AUTO_EXPAND,
+    DESTROY,
+    EXPAND,
+    RECONFIGURE,
+    TO_INCREMENTAL,
+    TO_SNAPSHOT,
+    require,
+)
+from .minor import ACTIVE, INCREMENTAL, SNAPSHOT, UNVERIFIED, Minor
+from .origin import Origin, open_exclusive
 from .registry import Registry
+from .resume import fail_minor, restore
 from .rundir import RunDir, registry_path
+from .observers import Observers
+from .space import room_for
 from .stacking import carrying_origin
 from .transitions import (
+    AutoExpand,
     Clients,
     Destroy,
+    Expand,
     Install,
     Reconfigure,
     Resume,
     ToIncremental,
-    chain_file,
 )
 from .units import MB
 
@@ -87,7 +101,9 @@ class Engine:
         self.state_dir = state_dir or run_dir  # the registry: what a reboot must not lose
         self.registry = Registry(registry_path(self.state_dir), opener)
         self.info_path = self.layout.info
-        self.dirty = threading.Event()  # info is stale (set from the data path)
+        self.observers = Observers(self.minors)  # info refresh, watchers
+        self.dirty = self.observers.dirty  # info is stale (set from the data path too)
+        self.events = self.observers.events
         self.stopped = False  # shutdown() ran: no more tracking, no more writes
         self._lock = threading.RLock()
         self._published = ""
@@ -109,7 +125,8 @@ class Engine:
             for path, name in self.origin_specs:
                 self.origins[name] = Origin(path, name, open_exclusive(path, self.opener))
             for entry in self.registry.load():
-                self._restore(entry)
+                restore(entry, self.origins.values(), self.minors, self.observers,
+                        self._save, self.opener)
             self.publish()
         except BaseException:
             self.close()
@@ -127,6 +144,7 @@ class Engine:
                 origin.gate.shut()  # no write is in flight from now on
             for m in self.minors.values():
                 self._close_tracker(m)
+            self.events.close()
             log.info("tracking stopped: every COW file closed cleanly")
 
     def close(self) -> None:
@@ -207,15 +225,17 @@ class Engine:
                 Clients(m, active=True).run()
             if m.phase == ACTIVE:  # not after a check that failed: it stays unverified
                 log.info("minor %d: active (state %d)", m.number, m.state)
+                self.observers.tell(m, "active")
             self.publish()
 
     def _verify(self, m: Minor) -> None:
         try:
             Resume(m, self.minors, self._save, self.opener).run()
         except SnapError as e:
-            self._fail(m, e)
+            fail_minor(m, e)
             return
         log.info("minor %d: %s verified", m.number, m.cow_path)
+        self.observers.tell(m, "verified")
 
     def detach(self, origin: Origin) -> None:
         """A client left ``origin``: after the last one the minor goes dormant."""
@@ -227,6 +247,7 @@ class Engine:
             Clients(m, active=False).run()
             log.info("minor %d: dormant (state %d), %s closed cleanly", m.number, m.state,
                      m.cow_path)
+            self.observers.tell(m, "dormant")
             self.publish()
 
     def _minor_of(self, origin: Origin) -> Minor | None:
@@ -244,11 +265,13 @@ class Engine:
             fallocate = self._fallocate_bytes(fallocate_mb, origin)
             header = Header(origin.size, uuidlib.uuid4().bytes, 1, fallocate,
                             flags=self._new_flags(), boot_id=boot_id())
-            m = Minor(n, origin, path, SNAPSHOT, cache, fallocate, health=self._health())
+            m = Minor(n, origin, path, SNAPSHOT, cache, fallocate, health=self.observers.health(n),
+                      space=self.observers.space(n))
             Install(m, self.minors, self._save, self.opener, header).run()
             self.publish()
             log.info("minor %d: snapshot of %s set up, COW file %s, limit %d bytes",
                      n, origin.path, path, fallocate)
+            self.observers.tell(m, "setup")
 
     def reload_snapshot(self, block_device: str, cow_file: str, minor: Any,
                         cache_mb: Any = None, block_device_path: str | None = None) -> None:
@@ -268,9 +291,11 @@ class Engine:
             path = self._placed(reload_cow_path(
                 self.origins.values(),
                 [(o.number, o.cow_path, o.owned) for o in self.minors.values()], cow_file))
-            m = Minor(n, origin, path, mode, cache, phase=UNVERIFIED, health=self._health())
+            m = Minor(n, origin, path, mode, cache, phase=UNVERIFIED, health=self.observers.health(n),
+                      space=self.observers.space(n))
             Install(m, self.minors, self._save, self.opener).run()
             log.info("minor %d: reload of %s (%s mode) for %s", n, path, mode, origin.path)
+            self.observers.tell(m, "reload")
             if origin.clients:  # already online: check it now
                 self._verify(m)
             self.publish()
@@ -285,6 +310,7 @@ class Engine:
             log.info("minor %d: incremental (state %d), %d blocks changed so far, data of "
                      "%s released", n, m.state, m.tracker.nr_changed if m.tracker else 0,
                      m.cow_path)
+            self.observers.tell(m, TO_INCREMENTAL)
 
     def transition_to_snapshot(self, cow_file: str, minor: Any, fallocate_mb: Any = None) -> None:
         n = self._minor_number(minor)
@@ -303,6 +329,7 @@ class Engine:
             self.publish()
             log.info("minor %d: snapshot seq_id %d in %s; %s closed with %d changed blocks",
                      n, header.seq_id, path, old.cow_path, old.tracker.nr_changed)
+            self.observers.tell(m, TO_SNAPSHOT)
 
     def destroy(self, minor: Any) -> str | None:
         """Stop tracking and forget minor ``minor``; unlink its COW file only if the
@@ -323,6 +350,7 @@ class Engine:
                             m.export_name)
             note = "; ".join(filter(None, notes)) or None
             log.info("minor %d: destroyed; %s", n, note or f"{m.cow_path} removed")
+            self.events.emit(n, DESTROY, None)
             return note
 
     def reconfigure(self, minor: Any, cache_mb: Any = None) -> None:
@@ -334,6 +362,39 @@ class Engine:
             Reconfigure(m, self.minors, self._save, cache).run()
             self.publish()
             log.info("minor %d: index cache limit now %d bytes", n, cache)
+
+    def expand_cow_file(self, minor: Any, size_mb: Any) -> None:
+        """Raise a snapshot's COW limit by ``size_mb`` MB, live; ENOSPC (nothing changed)
+        if the COW file's file system has less than that free."""
+        n = self._minor_number(minor)
+        grow = expand_megabytes(size_mb) * MB
+        with self._lock:
+            m = self._get(n)
+            require(EXPAND, m)
+            room_for(m.cow_path, grow)
+            old = m.limit
+            Expand(m, self.minors, self._save, grow).run()
+            self.publish()
+            log.info("minor %d: limit of %s raised from %d to %d bytes", n, m.cow_path, old,
+                     m.limit)
+            m.space.expanded(old, m.limit, auto=False)
+
+    def reconfigure_auto_expand(self, minor: Any, step_mb: Any, reserved_mb: Any = None) -> None:
+        """Auto-expand by ``step_mb`` MB (0: off) while ``reserved_mb`` MB stay free."""
+        n = self._minor_number(minor)
+        policy = (megabytes(step_mb, "<step MB>"), megabytes(reserved_mb, "-r"))
+        with self._lock:
+            m = self._get(n)
+            require(AUTO_EXPAND, m)
+            AutoExpand(m, self.minors, self._save, policy).run()
+            self.publish()
+            log.info("minor %d: auto-expand %s", n, f"by {policy[0]} MB, {policy[1]} MB "
+                     "reserved" if policy[0] else "off")
+
+    def watch(self, minor: Any = None) -> Watcher:
+        """Subscribe to the events of minor ``minor`` (it need not exist yet) or of all."""
+        n = None if minor is None else self._minor_number(minor)
+        return self.events.subscribe(n)
 
     def info(self, minor: Any = None) -> dict:
         with self._lock:
@@ -394,43 +455,7 @@ class Engine:
     def _new_flags(self) -> int:
         return FLAG_DURABLE if self.durable else 0
 
-    def _health(self) -> Health:
-        return Health(self.dirty.set)  # a failure on the data path refreshes info
-
     # -- persistence and info -----------------------------------------------------------
-    def _restore(self, entry: dict) -> None:
-        """Bring back a registered minor, dormant; a COW file that fails its checks
-        leaves the minor failed, with the reason in info and the log."""
-        n = entry["minor"]
-        origin = self._origin_at(entry["origin"])
-        m = Minor(n, origin, entry["cow_file"], entry["mode"], entry["max_cache"],
-                  entry["fallocate"], phase=DORMANT if entry["uuid"] else UNVERIFIED,
-                  health=self._health(), uuid=entry["uuid"], seq_id=entry["seq_id"])
-        origin.minor = n
-        self.minors[n] = m
-        if m.phase == UNVERIFIED:
-            log.info("minor %d: reloaded, %s is checked when %s gets its first client",
-                     n, m.cow_path, origin.path)
-            return
-        try:
-            if isinstance(origin, AbsentOrigin):
-                raise SnapError(errno.ENODEV, f"origin {origin.path} is not served")
-            Resume(m, self.minors, self._save, self.opener, restart=True).run()
-            log.info("minor %d: resumed %s in %s mode (state %d)", n, m.cow_path, m.mode, m.state)
-        except SnapError as e:  # failed; its COW file stays ours (destroy may unlink it)
-            self._fail(m, e)  # only if it still is a file of the minor's chain
-            m.owned = chain_file(m.cow_path, m.uuid, self.opener)
-
-    def _fail(self, m: Minor, e: SnapError) -> None:
-        m.health.fail(e)
-        log.error("minor %d: %s; the origin is served untracked", m.number, e)
-
-    def _origin_at(self, path: str) -> Origin:
-        for origin in self.origins.values():
-            if origin.path == path or origin.real_path == os.path.realpath(path):
-                return origin
-        return AbsentOrigin(path)
-
     def _save(self, minors: dict[int, Minor]) -> None:
         self.registry.save([minors[n].registry_entry() for n in sorted(minors)])
 

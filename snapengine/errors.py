@@ -25,3 +25,8 @@ class SnapError(OSError):
 
     def __reduce__(self):  # keep (errno, detail) through pickling
         return (type(self), (self.errno, self.detail))
+
+
+class StoreFull(SnapError):
+    """The COW store has no room for more saved data (its limit, which cannot grow, or
+    a full file system): the snapshot is lost, its change list is not (snapshot.py)."""

@@ -8,7 +8,7 @@ from typing import Callable
 
 from .errors import SnapError
 from .origin import Origin
-from .tracker import SnapshotTracker
+from .snapshot import SnapshotTracker
 
 DESCRIPTION_KEY = "snapengine"  # an export's NBD description is a JSON object with this key
 DESCRIBES_ORIGIN = "origin"  # ... whose value says what the export is: an origin

@@ -64,6 +64,10 @@ class FileIO:
         st = os.fstat(self.fd)
         return st.st_dev, st.st_ino
 
+    def allocated(self) -> int:
+        """Bytes of disk space the file holds now (st_blocks x 512)."""
+        return os.fstat(self.fd).st_blocks * 512
+
     def size(self) -> int:
         if self.is_block:
             buf = fcntl.ioctl(self.fd, BLKGETSIZE64, b"\0" * 8)

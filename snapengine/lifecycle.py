@@ -4,7 +4,8 @@
 equal): for each operation on an existing minor, each state's new state, or the errno
 it is refused with. Creating a minor (setup-snapshot, reload-*) is EBUSY on any state
 and gives 3 or 1 (a client or not), 5 or 4. A failed minor (``error`` set) keeps its
-state number; only destroy, reconfigure and info apply to it.
+state number; only destroy, reconfigure, reconfigure-auto-expand and info apply to it,
+and transition-to-incremental when its change list was kept (an overflow).
 
 A ``Transition`` makes one change in three steps, and undoes it in one place:
 
@@ -39,6 +40,8 @@ TO_INCREMENTAL = "transition-to-incremental"
 TO_SNAPSHOT = "transition-to-snapshot"
 DESTROY = "destroy"
 RECONFIGURE = "reconfigure"
+EXPAND = "expand-cow-file"
+AUTO_EXPAND = "reconfigure-auto-expand"
 FIRST_CLIENT = "first client"
 LAST_CLIENT = "last client leaves"
 RESTART = "daemon restart"
@@ -46,6 +49,7 @@ RESTART = "daemon restart"
 _UNVERIFIED = (errno.EINVAL, "is unverified: {op} needs its origin's first client")
 _INCREMENTAL = (errno.EINVAL, "is already in incremental mode")
 _NOT_INCREMENTAL = (errno.EINVAL, "is not in incremental mode")
+_NO_DATA = (errno.EINVAL, "is in incremental mode: it keeps no data, so it has no limit")
 
 # operation -> {state: new state | (errno, why)}; states 0-5 as minor.STATES
 TABLE: dict[str, dict[int, int | tuple[int, str]]] = {
@@ -54,23 +58,30 @@ TABLE: dict[str, dict[int, int | tuple[int, str]]] = {
                   5: _UNVERIFIED},
     DESTROY: {0: -1, 1: -1, 2: -1, 3: -1, 4: -1, 5: -1},  # -1: no minor
     RECONFIGURE: {0: 0, 1: 1, 2: 2, 3: 3, 4: 4, 5: 5},
+    EXPAND: {0: _NO_DATA, 1: 1, 2: _NO_DATA, 3: 3, 4: _UNVERIFIED, 5: _UNVERIFIED},
+    AUTO_EXPAND: {0: 0, 1: 1, 2: 2, 3: 3, 4: 4, 5: 5},
     FIRST_CLIENT: {0: 2, 1: 3, 2: 2, 3: 3, 4: 2, 5: 3},  # 4, 5: the COW file is checked
     LAST_CLIENT: {0: 0, 1: 1, 2: 0, 3: 1, 4: 4, 5: 5},
     RESTART: {0: 0, 1: 1, 2: 0, 3: 1, 4: 4, 5: 5},  # the COW file's mode wins
 }
-REFUSED_WHEN_FAILED = (TO_INCREMENTAL, TO_SNAPSHOT)
+REFUSED_WHEN_FAILED = (TO_INCREMENTAL, TO_SNAPSHOT, EXPAND)
+ALLOWED_WHEN_KEPT = (TO_INCREMENTAL,)  # a snapshot lost to an overflow kept its list
 
 
 def require(op: str, m: Minor) -> int:
     """The state ``op`` takes minor ``m`` to; SnapError with the table's errno if the
-    table refuses it, or EINVAL if ``m`` has failed and ``op`` needs a healthy minor."""
+    table refuses it, or EINVAL if ``m`` has failed and ``op`` needs a healthy minor
+    (transition-to-incremental needs only its change list)."""
     target = TABLE[op][m.state]
     if isinstance(target, tuple):
         err, why = target
         raise SnapError(err, f"minor {m.number} (state {m.state}) {why.format(op=op)}")
-    if m.error and op in REFUSED_WHEN_FAILED:
+    if m.error and op in REFUSED_WHEN_FAILED and \
+            not (op in ALLOWED_WHEN_KEPT and m.health.kept and m.tracker is not None):
+        lost = "; its change list is lost too (a full backup is needed)" \
+            if op in ALLOWED_WHEN_KEPT else ""
         raise SnapError(errno.EINVAL, f"minor {m.number} has failed (error {m.error}: "
-                        f"{m.why}); destroy it and set up again")
+                        f"{m.why}){lost}; destroy it and set up again")
     return target
 
 

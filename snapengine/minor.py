@@ -21,7 +21,9 @@ from dataclasses import dataclass, field
 from .arguments import EXPORT_PREFIX
 from .health import Health
 from .origin import Origin
-from .tracker import CowTracker, IncrementalTracker, SnapshotTracker
+from .space import Space
+from .snapshot import SnapshotTracker
+from .tracker import CowTracker, IncrementalTracker
 
 SNAPSHOT = "snapshot"
 INCREMENTAL = "incremental"
@@ -52,6 +54,7 @@ class Minor:
     phase: str = ACTIVE
     tracker: CowTracker | None = None
     health: Health = field(default_factory=Health)  # the one record of failure
+    space: Space = field(default_factory=Space)  # auto-expand: the minor's, not a file's
     uuid: str | None = None  # identity the registry recorded, checked on resume
     seq_id: int | None = None
     owned: tuple[int, int] | None = None  # (st_dev, st_ino) of the COW file the daemon
@@ -92,11 +95,18 @@ class Minor:
             return h.uuid.hex(), h.seq_id
         return self.uuid, self.seq_id
 
+    @property
+    def limit(self) -> int:
+        """The COW limit in bytes now: the open file's header (auto-expand raises it
+        there), else as recorded."""
+        return self.tracker.cow.header.fallocate if self.tracker is not None else self.fallocate
+
     def registry_entry(self) -> dict:
         uuid, seq_id = self.identity()
+        step, reserved = self.space.policy
         return {"minor": self.number, "origin": self.origin.path, "cow_file": self.cow_path,
-                "mode": self.mode, "max_cache": self.max_cache, "fallocate": self.fallocate,
-                "uuid": uuid, "seq_id": seq_id}
+                "mode": self.mode, "max_cache": self.max_cache, "fallocate": self.limit,
+                "uuid": uuid, "seq_id": seq_id, "auto_expand": [step, reserved]}
 
     def info(self) -> dict:
         """The device object of ``elioctl info``, keys in elastio-snap's order."""
@@ -106,9 +116,11 @@ class Minor:
         if t is not None:
             h = t.cow.header
             d.update(fallocate=h.fallocate, seq_id=h.seq_id, uuid=h.uuid.hex(),
-                     version=h.version, nr_changed_blocks=t.nr_changed)
+                     version=h.version, nr_changed_blocks=t.nr_changed,
+                     cow_size_current=t.cow.io.allocated(), auto_expand=self.space.info())
         if self.error:  # the errno, as elastio-snap gives it, and why (for the admin)
             d["error"] = self.error
             d["error_text"] = self.why
+            d["tracking"] = self.health.tracking  # the change list is kept (§8)
         d["state"] = self.state
         return d

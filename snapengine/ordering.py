@@ -89,6 +89,11 @@ class Ordering:
         if self.waiting:
             self.cond.notify_all()
 
+    def settle(self) -> None:
+        """Wait until no claim is left (after a failure: no new one can start)."""
+        while self.claims:
+            self.wait()
+
     # -- holds (lock-free) ----------------------------------------------------------
     def hold(self, first: int, end: int) -> int:
         """Register a read of blocks [first, end) before it looks at anything; return

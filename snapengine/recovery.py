@@ -8,7 +8,8 @@ entries are written through, so after the death of the process (same boot) the
 snapshot is exact; change marks are made up from the write-intent record, a superset
 of the truth. After a reboot (power cut) unsynced writes may be lost: a durable
 snapshot keeps exactly what reached the disk, any other snapshot fails; change lists
-are still a superset.
+are still a superset. A snapshot failed by an overflow whose change list was kept
+(FLAG_KEPT) resumes as a change list: its index is treated as an incremental file's.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def open_verified(path: str, origin_size: int, incremental: bool | None, opener=
     try:
         _check_identity(cow, origin_size, incremental, uuid, seq_id)
         h = cow.header
-        if h.flags & FLAG_FAILED:
+        if h.flags & FLAG_FAILED and not h.kept:  # kept: the list resumes (tracker.py)
             raise SnapError(-h.error if h.error < 0 else errno.EIO,
                             f"{path}: the snapshot had already failed (error {h.error})")
         if h.clean:
@@ -91,7 +92,7 @@ def _recover(cow: CowFile) -> None:
     """
     h = cow.header
     same_boot = h.boot_id == boot_id()
-    if h.incremental:
+    if h.index_only:
         slots = h.nr_slots  # fixed when the data was released
     elif same_boot:
         slots = max(0, (cow.io.size() - h.data_offset) // BLOCK_SIZE)
@@ -104,7 +105,7 @@ def _recover(cow: CowFile) -> None:
         raise SnapError(errno.EUCLEAN, f"{cow.path} was not closed cleanly and the machine has "
                         "restarted since: snapshot data that was not synced may be lost "
                         "(serve with --durable to keep snapshots across power cuts)")
-    presumed = presume_changed(cow, cow.read_intents(), h.incremental)
+    presumed = presume_changed(cow, cow.read_intents(), h.index_only)
     log.warning("%s: %d blocks of its write-intent regions presumed changed", cow.path, presumed)
     found = scan(cow, slots)
     cow.sync()

@@ -18,6 +18,7 @@ from .fileio import FileIO, atomic_write
 
 REGISTRY_VERSION = 1
 FIELDS = ("minor", "origin", "cow_file", "mode", "max_cache", "fallocate", "uuid", "seq_id")
+DEFAULTS = {"auto_expand": [0, 0]}  # later fields: [step MB, reserved MB]; absent = off
 MODES = ("snapshot", "incremental")
 
 
@@ -33,6 +34,8 @@ def _bad_value(entry: dict[str, Any]) -> str | None:
         "uuid": entry["uuid"] is None or (isinstance(entry["uuid"], str)
                                           and len(entry["uuid"]) == 32),
         "seq_id": entry["seq_id"] is None or count(entry["seq_id"]),
+        "auto_expand": isinstance(entry["auto_expand"], list) and len(entry["auto_expand"]) == 2
+        and all(map(count, entry["auto_expand"])),
     }
     return next((k for k, ok in checks.items() if not ok), None)
 
@@ -56,8 +59,10 @@ class Registry:
                             f"{REGISTRY_VERSION} registry")
         entries = []
         for entry in doc["minors"]:
-            if not isinstance(entry, dict) or set(entry) != set(FIELDS):
+            if not isinstance(entry, dict) or not set(FIELDS) <= set(entry) <= \
+                    set(FIELDS) | set(DEFAULTS):
                 raise SnapError(errno.EUCLEAN, f"registry {self.path}: bad entry {entry!r}")
+            entry = {**DEFAULTS, **entry}
             bad = _bad_value(entry)
             if bad is not None:
                 raise SnapError(errno.EUCLEAN, f"registry {self.path}: bad {bad} "

@@ -112,7 +112,8 @@ class SnapshotReader:
         except SnapError as e:
             if e.errno not in (errno.EIO, errno.EUCLEAN):
                 raise
-            self.fail(e)  # bad data or a corrupt index page: the snapshot is broken
+            if not self.health.error:  # (once failed, its data may be gone: no news)
+                self.fail(e)  # bad data or a corrupt index page: the snapshot is broken
             raise SnapError(errno.EIO, e.detail)
         finally:
             del self._holds[hold]  # then look at draining: see Ordering.release_hold

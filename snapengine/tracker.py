@@ -1,4 +1,5 @@
-"""Copy-before-write and change marking on one COW file: the two modes' policies.
+"""Copy-before-write and change marking on one COW file: the two modes' policies
+(the snapshot one in snapshot.py).
 
 Design notes
 ------------
@@ -61,37 +62,23 @@ intent syncs release it.
 
 from __future__ import annotations
 
-import errno
 import logging
 import threading
 from collections import deque
 
-from .cowfile import FLAG_CLEAN, FLAG_FAILED, FLAG_INCREMENTAL, CowFile, block_checksums, boot_id
-from .entry import (
-    PAGE_MASK,
-    PAGE_SHIFT,
-    bit_runs,
-    mark_changed,
-    saved_entries,
-    span_bits,
-    zero_entries,
-)
-from .errors import SnapError
+from .cowfile import FLAG_CLEAN, FLAG_FAILED, FLAG_KEPT, CowFile, boot_id
+from .entry import PAGE_MASK, PAGE_SHIFT, mark_changed
+from .errors import SnapError, StoreFull
 from .fileio import FileIO, GroupSync
 from .health import Health
 from .index import Index
 from .intents import WriteIntents
-from .oldzeros import data_runs, old_zeros, split_runs
-from .ordering import Claim, Ordering
-from .origin import TRIM
-from .snapread import SnapshotReader, copy_buffer
-from .units import BLOCK_SHIFT, BLOCK_SIZE, nr_blocks
+from .oldzeros import data_runs
+from .ordering import Ordering
+from .space import Space
+from .units import nr_blocks
 
 log = logging.getLogger(__name__)
-
-COPY_BLOCKS = 16  # blocks saved together on a first touch: 64 KiB clusters, as qemu
-ZERO_CHUNK = 256  # blocks of a write-zeroes read and saved at a time (1 MiB)
-
 
 MARK_BATCH = 64  # queued change marks applied together, under one lock
 MARK_CAP = 4096  # queued marks beyond which a writer waits to apply them
@@ -109,7 +96,7 @@ class CowTracker:
     MARKS_WITHOUT_DATA = False  # a changed block with no saved entry gets a MARK (entry.py)
 
     def __init__(self, cow: CowFile, origin_io: FileIO, max_cache_bytes: int,
-                 health: Health | None = None) -> None:
+                 health: Health | None = None, space: Space | None = None) -> None:
         self.cow = cow
         self.origin_io = origin_io
         self.seed = cow.header.seed
@@ -123,9 +110,13 @@ class CowTracker:
         self._pending: deque[tuple[int, int]] = deque()  # change marks not yet applied
         self.next_slot = cow.header.nr_slots + 1
         self.health = Health() if health is None else health  # the minor's: one failure
-        if cow.header.error and not self.health.error:
-            self.health.fail(SnapError(-cow.header.error,
-                                       f"failed before (error {cow.header.error})"))
+        self.space = Space() if space is None else space  # the minor's: auto-expand
+        self._fail_lock = threading.Lock()  # held from a failure until it is on disk
+        h = cow.header
+        if h.error and not self.health.error:
+            kind, kept = (StoreFull, ", its change list kept") if h.kept else (SnapError, "")
+            self.health.fail(kind(-h.error, f"the snapshot had already failed (error "
+                                  f"{h.error}{kept})"))
         self.durable = cow.header.durable
         self.group_sync = GroupSync(cow.io)
         self.intents = WriteIntents(cow, self.group_sync)
@@ -141,10 +132,16 @@ class CowTracker:
                 want = (1 << (end - first)) - 1
                 if page.changed >> (first & PAGE_MASK) & want == want:
                     return
-        if first >= end or self.health.error:
+        if first >= end:
+            return
+        if not self.health.tracking:
+            self.failure_barrier()
             return
         try:
-            self._save(first, end)
+            try:
+                self._save(first, end)
+            except StoreFull as e:  # the snapshot is lost, its change list is not
+                self.fail(e)
             self._mark_changed(first, end)
         except Exception as e:  # the write goes on; the snapshot says it is broken
             self.fail(e)
@@ -153,7 +150,8 @@ class CowTracker:
         """A trim or write-zeroes (``kind``) of blocks [first, end) is about to be
         applied; return whether the origin applies it. Never raises. Here (incremental
         mode): applied, and the blocks that held data are marked changed."""
-        if first >= end or self.health.error:
+        if first >= end or not self.health.tracking:
+            self.failure_barrier()
             return True
         try:
             for lo, hi in data_runs(self.origin_io, self.origin_size, first, end):
@@ -191,7 +189,9 @@ class CowTracker:
             self.fail(e)
 
     def _apply_pending(self) -> None:
-        pending, seed, marks = self._pending, self.seed, self.MARKS_WITHOUT_DATA
+        # after an overflow, blocks written unsaved are marked, as in incremental mode
+        pending, seed = self._pending, self.seed
+        marks = self.MARKS_WITHOUT_DATA or self.health.error != 0
         while pending:
             first, end = pending.popleft()
             for page, bits in Index.unchanged(self.index.pages(first, end), first, end):
@@ -218,18 +218,48 @@ class CowTracker:
         return self.health.reason
 
     def fail(self, e: BaseException) -> None:
-        """Fail the snapshot or change list for good, keeping the first reason."""
-        with self._lock:
-            if not self.health.fail(e):
+        """Fail the snapshot, or the change list, keeping the first reason; the failure
+        is on disk before any write that sees it goes on (``failure_barrier``). An
+        overflow (StoreFull) keeps the list and releases the saved data."""
+        with self._fail_lock:
+            if not self.health.fail(e):  # from here no claim starts, no slot is taken
                 return
-            self._cond.notify_all()
-        log.error("%s: tracking failed, the COW file is no longer valid: %s",
-                  self.cow.path, self.reason)
-        try:
-            self.cow.write_header(flags=self.cow.header.flags | FLAG_FAILED,
-                                  error=self.health.error)
+            with self._lock:  # a claim that missed the failure has its slots by now
+                self._cond.notify_all()
+            self._record_failure()
+        kept = self.health.kept
+        log.error("%s: %s: %s", self.cow.path, "the snapshot failed, its change list is "
+                  "kept" if kept else "tracking failed, the COW file is no longer valid",
+                  self.reason)
+        if kept:
+            self._release_saved()
+
+    def _record_failure(self) -> None:
+        """The failure into the header. If that fails, the file cannot say that its
+        list is kept: the list is lost too."""
+        h, kept = self.cow.header, self.health.kept
+        flags = h.flags | FLAG_FAILED | FLAG_KEPT if kept else (h.flags | FLAG_FAILED) & ~FLAG_KEPT
+        try:  # nr_slots: every slot an entry may name (the index is checked against it)
+            self.cow.write_header(flags=flags, error=self.health.error, nr_slots=self.nr_slots)
         except OSError as e2:
             log.error("%s: cannot record the failure in the header: %s", self.cow.path, e2)
+            self.health.fail(e2)  # a kept list is lost with it
+
+    def failure_barrier(self) -> None:
+        """A write that goes on because of a failure waits until it is on disk: else a
+        crash could leave a header that vouches for data the write changed."""
+        with self._fail_lock:
+            pass
+
+    def _release_saved(self) -> None:
+        """After an overflow: wait for the copies in flight, then give the saved data's
+        space back to the file system (the snapshot is gone, the index stays)."""
+        with self._lock:
+            self.order.settle()
+        try:
+            self.cow.release_data()
+        except OSError as e:  # only space is lost: the header says failed already
+            log.warning("%s: cannot release the saved data: %s", self.cow.path, e)
 
     def quiesce(self) -> None:
         """Stop serving: wait for reads in flight; later reads get ENXIO.
@@ -238,23 +268,27 @@ class CowTracker:
         with self._lock:
             self.order.close()
 
-    def checkpoint(self, clean: bool, flags: int | None = None) -> None:
-        """Write the header with the counters; if ``clean``, first write every pending
-        mark and sync everything, then forget the write intents.
+    def checkpoint(self, clean: bool, flags: int | None = None,
+                   health: Health | None = None) -> None:
+        """Write the header with the counters and the failure of ``health`` (default
+        the tracker's); if ``clean``, first write every pending mark and sync
+        everything, then forget the write intents.
 
         Call with no write in flight (the origin's gate closed, or no client)."""
         nr_changed = self.nr_changed  # applies the queued marks (which may fail it)
         h = self.cow.header
-        flags = h.flags if flags is None else flags
-        flags = flags | FLAG_CLEAN if clean else flags & ~FLAG_CLEAN
-        if self.health.error:
-            flags |= FLAG_FAILED
+        health = self.health if health is None else health
+        flags = (h.flags if flags is None else flags) & ~(FLAG_CLEAN | FLAG_FAILED | FLAG_KEPT)
+        if clean:
+            flags |= FLAG_CLEAN
+        if health.error:
+            flags |= FLAG_FAILED | FLAG_KEPT if health.kept else FLAG_FAILED
         if clean:
             self.index.flush()
             self.cow.sync()
             self.intents.forget()
         self.cow.write_header(flags=flags, nr_changed_blocks=nr_changed,
-                              nr_slots=self.nr_slots, error=self.health.error,
+                              nr_slots=self.nr_slots, error=health.error,
                               boot_id=h.boot_id if clean else boot_id())
 
     @property
@@ -269,167 +303,6 @@ class CowTracker:
         with self._lock:
             self.index.resize(max_cache_bytes)
             self.index.write_evicted()
-
-
-class SnapshotTracker(CowTracker):
-    """Snapshot mode: saves old data before overwrite and serves the snapshot image
-    (``read(buf, offset)``: snapread.SnapshotReader.read)."""
-
-    MARKS_WITHOUT_DATA = False  # a block whose copy failed is not marked: it is not saved
-
-    def __init__(self, cow: CowFile, origin_io: FileIO, max_cache_bytes: int,
-                 health: Health | None = None) -> None:
-        super().__init__(cow, origin_io, max_cache_bytes, health)
-        self.zeros_ok = cow.header.version >= 2  # entries saved as zeros may be written
-        self.reader = SnapshotReader(cow, origin_io, self.index, self.order, self.health,
-                                     self.fail)
-        self.read = self.reader.read  # bound once: the export calls it with no hop between
-
-    def before_change(self, first: int, end: int, kind: str) -> bool:
-        """A trim is dropped; a write-zeroes saves what it would change (the design
-        notes): blocks whose old content is zeros are saved as zeros, and not marked."""
-        if self.health.error:
-            return True  # failed: the origin is served untracked
-        if kind == TRIM:
-            return False
-        try:
-            for lo in range(first, end, ZERO_CHUNK):
-                hi = min(lo + ZERO_CHUNK, end)
-                kept = self._save(lo, hi, zeroing=True)
-                for a, n in bit_runs(span_bits(0, hi - lo) & ~kept):
-                    self._mark_changed(lo + a, lo + a + n)
-        except Exception as e:
-            self.fail(e)
-        return True
-
-    def _save(self, first: int, end: int, zeroing: bool = False) -> int:
-        """Save what is not saved yet in the clusters of [first, end) (steps 2 to 4).
-        Return the bits (bit 0: block ``first``) of the request's blocks saved as zeros
-        whose content a write-zeroes (``zeroing``) leaves as it was."""
-        lo = first & ~(COPY_BLOCKS - 1)  # whole clusters: their neighbours come along
-        hi = min(-(-end // COPY_BLOCKS) * COPY_BLOCKS, self.nr_blocks)
-        zeros, data = 0, None
-        if self.zeros_ok and not self._all_saved(lo, hi):
-            zeros, data = old_zeros(self.origin_io, self.origin_size, lo, hi, zeroing)
-        with self._lock:
-            claim = self._claim(lo, hi, zeros)
-        if claim is None:
-            return 0
-        try:
-            kept = self._copy(claim, first, end, data, lo, zeroing)
-        except BaseException:
-            with self._lock:
-                self._release(claim)
-            raise
-        with self._lock:
-            for (block, _, _), entries in zip(claim.runs, claim.entries):
-                Index.store(claim.pages, block, entries)  # PUBLISHED
-            self.order.drain(claim.first, claim.end)
-            for (block, n, _), changed in zip(claim.runs, claim.changed):
-                Index.mark(claim.pages, block, n, changed)  # SAVED
-                self._nr_changed += changed.bit_count()
-            self._release(claim)
-        return kept >> (first - lo) & span_bits(0, end - first)
-
-    def _all_saved(self, lo: int, hi: int) -> bool:
-        """Lock-free and possibly stale (bits only get set): [lo, hi) is saved already."""
-        number = lo >> PAGE_SHIFT
-        if (hi - 1) >> PAGE_SHIFT != number:
-            return False
-        page = self.index.peek(number)
-        want = span_bits(0, hi - lo)
-        return page is not None and page.saved >> (lo & PAGE_MASK) & want == want
-
-    def _claim(self, first: int, end: int, zeros: int = 0) -> Claim | None:
-        while True:
-            if self.health.error or self.order.closed:
-                return None
-            pages = self.index.pages(first, end)
-            todo = Index.unsaved(pages, first, end)
-            if not todo:
-                return None
-            lo, hi = todo[0][0], todo[-1][0] + todo[-1][1]
-            if not self.order.overlaps(lo, hi):
-                break
-            self.order.wait()
-        claim = Claim(lo, hi, self._allocate(todo, zeros, first), pages)
-        for page in pages:
-            page.pins += 1
-        self.order.add(claim)
-        return claim
-
-    def _release(self, claim: Claim) -> None:
-        for page in claim.pages:
-            page.pins -= 1
-        self.order.release(claim)
-
-    def _allocate(self, todo: list[tuple[int, int]], zeros: int = 0,
-                  base: int = 0) -> list[tuple[int, int, int]]:
-        """Runs (block, count, first slot) of ``todo``; slot 0 for a run saved as zeros
-        (``zeros``: bits from block ``base``), which needs no slot and no data."""
-        runs = [(block, n, -1) for block, n in todo] if not zeros else \
-            [run for block, n in todo for run in split_runs(block, n, zeros >> (block - base))]
-        need = todo[0][1] if not zeros and len(todo) == 1 else \
-            sum(n for _, n, slot in runs if slot)
-        limit = self.cow.header.fallocate
-        if (self.next_slot - 1 + need) * BLOCK_SIZE > limit:
-            raise SnapError(errno.EFBIG, f"COW file {self.cow.path} reached its limit of "
-                            f"{limit} bytes (-f); the snapshot can no longer be kept")
-        out = []
-        for block, n, slot in runs:
-            if slot:
-                out.append((block, n, self.next_slot))
-                self.next_slot += n
-            else:
-                out.append((block, n, 0))
-        self.index.slot_limit = self.next_slot - 1
-        return out
-
-    def _copy(self, claim: Claim, first: int, end: int, data: memoryview | None = None,
-              base: int = 0, zeroing: bool = False) -> int:
-        """Step 3: old data to its slots, then the entries; blocks outside [first, end)
-        are saved AHEAD (not changed). ``data``: the old content of the blocks from
-        ``base``, if already read. Return the bits (from ``base``) of the blocks saved as
-        zeros whose content a write-zeroes keeps."""
-        kept = 0
-        for block, n, slot in claim.runs:
-            p = min(max(first - block, 0), n)  # blocks before the request: ahead
-            q = min(max(end - block, p), n)  # from here on: ahead again
-            if not slot:  # old content all zeros: an entry, no data
-                if zeroing:  # zeros over zeros: nothing changes
-                    p = q = 0
-                    kept |= span_bits(0, n) << (block - base)
-                entries, changed = zero_entries(block, n, p, q, self.seed)
-            else:
-                buf = self._old_data(block, n, data, base)
-                entries, changed = saved_entries(slot, p, q,
-                                                 block_checksums(buf, block, self.seed))
-                self.cow.write_data(slot, buf)
-            self.cow.write_entries(block, entries)
-            claim.entries.append(entries)
-            claim.changed.append(changed)
-        if self.durable:  # old data and entries reach the disk before the overwrite can
-            self.group_sync.sync()
-        return kept
-
-    def _old_data(self, block: int, n: int, data: memoryview | None, base: int) -> memoryview:
-        """The old content of blocks [block, block + n): from ``data`` or the origin."""
-        if data is not None:
-            return data[(block - base) << BLOCK_SHIFT:(block - base + n) << BLOCK_SHIFT]
-        buf = copy_buffer(n << BLOCK_SHIFT)
-        got = self.origin_io.pread_into(buf, block << BLOCK_SHIFT)
-        if got < len(buf):  # the origin's last, partial block: pad with zeroes
-            buf[got:] = bytes(len(buf) - got)
-        return buf
-
-    def mark_incremental(self, clean: bool) -> None:
-        """The header says "incremental": every mark written and the index synced first
-        (it is the list from now on; write intents only cover later changes). The saved
-        data is still there: snapshot reads in flight go on until ``quiesce``."""
-        self.apply_marks()
-        self.index.flush()
-        self.cow.sync()
-        self.checkpoint(clean, flags=self.cow.header.flags | FLAG_INCREMENTAL)
 
 
 class IncrementalTracker(CowTracker):

@@ -21,6 +21,7 @@ from .errors import SnapError
 from .lifecycle import Transition
 from .minor import ACTIVE, DORMANT, INCREMENTAL, SNAPSHOT, Minor, tracker_kind
 from .recovery import open_verified
+from .space import Space
 from .tracker import CowTracker
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ def discard_cow(cow: CowFile) -> None:
 
 
 def new_tracker(m: Minor, cow: CowFile, mode: str) -> CowTracker:
-    return tracker_kind(mode)(cow, m.origin.io, m.max_cache, m.health)
+    return tracker_kind(mode)(cow, m.origin.io, m.max_cache, m.health, m.space)
 
 
 def restore_header(tracker: CowTracker, clean: bool, flags: int | None = None) -> None:
@@ -68,8 +69,8 @@ def own_file(tracker: CowTracker, what: str) -> Iterator[None]:
     try:
         yield
     except OSError as e:
-        if isinstance(e, SnapError) and tracker.error:
-            raise
+        if isinstance(e, SnapError) and not tracker.health.tracking:
+            raise  # the list failed already, with this error
         tracker.fail(e)
         raise SnapError(e.errno or errno.EIO, f"cannot {what} {tracker.cow.path}: "
                         f"{e.strerror or e}; the minor has failed")
@@ -119,11 +120,13 @@ class Install(Transition):
 
 class ToIncremental(Transition):
     """Keep only the list of changed blocks: index and marks synced, the header says
-    incremental (the point of no return for the file), then the data released."""
+    incremental (the point of no return for the file), then the data released. After
+    an overflow (the list kept) the failure is cleared: a fresh Health from here on."""
 
     def __init__(self, m: Minor, minors: Minors, save: Save) -> None:
         super().__init__([m.origin.gate])
         self.m, self.minors, self.save = m, minors, save
+        self.health = m.health.fresh() if m.error else m.health
         self.new: CowTracker | None = None
 
     def persist(self) -> None:
@@ -134,9 +137,9 @@ class ToIncremental(Transition):
         self.did("the registry", lambda: self.save(self.minors))
         flags, clean = old.cow.header.flags, m.phase == DORMANT
         with own_file(old, "make incremental"):
-            old.mark_incremental(clean)
+            old.mark_incremental(clean, self.health)
             self.did(f"the header of {old.cow.path}", lambda: restore_header(old, clean, flags))
-            self.new = new_tracker(m, old.cow, INCREMENTAL)
+            self.new = new_tracker(replace(m, health=self.health), old.cow, INCREMENTAL)
 
     def commit(self) -> None:
         m = self.m
@@ -147,7 +150,7 @@ class ToIncremental(Transition):
             old.cow.release_data()
         except OSError as e:  # only space is lost: the header says incremental already
             log.warning("minor %d: cannot release the data of %s: %s", m.number, m.cow_path, e)
-        m.mode = INCREMENTAL
+        m.mode, m.health = INCREMENTAL, self.health
         m.tracker = m.origin.tracker = self.new
 
 
@@ -207,6 +210,50 @@ class Reconfigure(Transition):
                 self.m.tracker.fail(e)  # the data path, the list is broken
 
 
+class Expand(Transition):
+    """expand-cow-file: the snapshot's limit raised by ``grow`` bytes, in its header
+    (the truth at a restart), then the registry."""
+
+    def __init__(self, m: Minor, minors: Minors, save: Save, grow: int) -> None:
+        super().__init__([m.origin.gate])
+        self.m, self.minors, self.save, self.grow = m, minors, save, grow
+
+    def persist(self) -> None:
+        t = self.m.snapshot
+        assert t is not None
+        old = t.cow.header.fallocate
+        with own_file(t, "raise the limit in"):
+            t.cow.write_header(fallocate=old + self.grow)
+        self.did(f"the limit of {t.cow.path}", lambda: self._put_back(t, old))
+        self.save(self.minors)  # registry_entry reads the limit from the header
+
+    @staticmethod
+    def _put_back(t: CowTracker, old: int) -> None:
+        try:
+            t.cow.write_header(fallocate=old)
+        except OSError as e:  # the header is unknown: as in restore_header
+            t.fail(e)
+            raise
+
+    def commit(self) -> None:
+        self.m.fallocate = self.m.limit
+
+
+class AutoExpand(Transition):
+    """reconfigure-auto-expand: the minor's policy, in the registry, then in use."""
+
+    def __init__(self, m: Minor, minors: Minors, save: Save, policy: tuple[int, int]) -> None:
+        super().__init__()
+        self.m, self.minors, self.save, self.policy = m, minors, save, policy
+
+    def persist(self) -> None:
+        space = Space(*self.policy)  # registry_entry reads only the policy
+        self.save({**self.minors, self.m.number: replace(self.m, space=space)})
+
+    def commit(self) -> None:
+        self.m.space.policy = self.policy
+
+
 class Resume(Transition):
     """Open and prove a minor's COW file, then track its origin with it: at a restart
     (``restart``: the file's own mode wins, an unclean file is recovered; the minor
@@ -261,12 +308,13 @@ class Clients(Transition):
     not the client's connection."""
 
     def __init__(self, m: Minor, active: bool) -> None:
-        super().__init__([m.origin.gate] if m.tracker is not None and not m.error else [])
+        super().__init__([m.origin.gate] if m.tracker is not None and m.health.tracking
+                         else [])
         self.m, self.active = m, active
 
     def persist(self) -> None:
         t = self.m.tracker
-        if t is None or self.m.error:
+        if t is None or not self.m.health.tracking:
             return
         try:
             t.checkpoint(clean=not self.active)

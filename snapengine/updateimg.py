@@ -1,16 +1,18 @@
 """update-img: bring a backup image up to a new snapshot by copying only the blocks that
-changed, as listed in the previous snapshot's (closed) COW file.
+changed, as listed in the (closed) COW files of the snapshots since the image's.
 
-    update-img [--run-dir DIR] [--minor N] <snapshot> <cow file> <image file>
+    update-img [--run-dir DIR] [--minor N] <snapshot> <cow file> [<cow file>...] <image file>
     update-img [--run-dir DIR] [--minor N] --full <snapshot> <image file>
     update-img [--run-dir DIR] [--minor N] --stamp <snapshot> <image file>
 
-Everything is checked before the image is touched: the COW file is a clean, unfailed
-snapengine COW file whose index matches its header; it belongs to the same backup chain
-as the snapshot (uuid) and is the one just before it (seq_id = snapshot's - 1); the
-image, the COW file's origin and the snapshot have the same size; the image's stamp (the
-chain uuid and seq_id it holds) is the COW file's. Any mismatch: exit EINVAL, image
-untouched. Every connection to the snapshot reads the snapshot the first one found
+Everything is checked before the image is opened for writing: each COW file is a clean,
+unfailed snapengine COW file whose index matches its header; together, oldest first, they
+form an unbroken piece of one backup chain (same uuid, consecutive seq_ids, one origin
+size) that ends just before the snapshot (the last seq_id = the snapshot's - 1, same
+uuid); the image, the COW files' origin and the snapshot have the same size; the image's
+stamp (the chain uuid and seq_id it holds) is the first COW file's. Any mismatch: exit
+EINVAL naming the file, image untouched. The union of the files' changed blocks is copied,
+each block once. Every connection to the snapshot reads the snapshot the first one found
 (source.py), else EAGAIN, image untouched. --full copies the whole snapshot (holes kept),
 --stamp marks an image made by another tool as holding the snapshot; every success
 (re)stamps the image.
@@ -42,7 +44,7 @@ WORKERS = 4  # reads in flight (one NBD connection each)
 PROGRESS_EVERY = 0.2  # seconds between progress updates on a terminal
 
 USAGE = """
-  update-img [--run-dir DIR] [--minor N] <snapshot> <cow file> <image file>
+  update-img [--run-dir DIR] [--minor N] <snapshot> <cow file> [<cow file>...] <image file>
   update-img [--run-dir DIR] [--minor N] --full <snapshot> <image file>
   update-img [--run-dir DIR] [--minor N] --stamp <snapshot> <image file>"""
 
@@ -61,11 +63,19 @@ checked, before anything is written, to serve the snapshot the first one found (
 export's description says which, else the daemon is asked); if a transition changed the
 snapshot meanwhile, update-img exits EAGAIN, image untouched: run it again.
 
-Prints 'copying complete: N blocks changed, E errors' (--full: 'N blocks copied') and
-exits 0 only if every block was copied and the image was synced; then the image is
-stamped (xattr {STAMP_XATTR}, or <image>{STAMP_SIDECAR} where xattrs are
-not supported) with the chain's uuid and the snapshot's seq_id. An image stamped
-otherwise than the COW file's uuid and seq_id is refused (EINVAL, untouched)."""
+Several COW files are given oldest first: those of the snapshots from the image's up to
+the one just before <snapshot> (an image of snapshot 1, <snapshot> at seq_id 4: the COW
+files with seq_ids 1, 2 and 3). They must be one chain's, with consecutive seq_ids, each
+closed clean and not failed; a gap, a repeat, the wrong order, another chain's file or a
+dirty one is refused (EINVAL, the file named, image untouched). The blocks changed in any
+of them are copied once.
+
+Prints 'copying complete: N blocks changed, E errors' (N: blocks changed in any of the
+COW files; --full: 'N blocks copied') and exits 0 only if every block was copied and the
+image was synced; then the image is stamped (xattr {STAMP_XATTR}, or
+<image>{STAMP_SIDECAR} where xattrs are not supported) with the chain's uuid and the
+snapshot's seq_id. An image stamped otherwise than the first COW file's uuid and seq_id
+is refused (EINVAL, untouched)."""
 
 
 def build_parser() -> Parser:
@@ -81,46 +91,81 @@ def build_parser() -> Parser:
     mode.add_argument("--stamp", action="store_true", help="stamp <image file>, made by "
                       "another tool (nbdcopy, dd), as holding <snapshot>")
     p.add_argument("snapshot", metavar="<snapshot>")
-    p.add_argument("files", nargs="*", metavar="<cow file> <image file>",
-                   help="<image file> alone with --full or --stamp")
+    p.add_argument("files", nargs="*", metavar="<cow file> [<cow file>...] <image file>",
+                   help="the COW files oldest first, then the image; <image file> alone "
+                   "with --full or --stamp")
     return p
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
     whole = args.full or args.stamp
-    if len(args.files) != (1 if whole else 2):
+    if (len(args.files) != 1) if whole else (len(args.files) < 2):
         usage = (f"--{'full' if args.full else 'stamp'} <snapshot> <image file>" if whole
-                 else "<snapshot> <cow file> <image file>")
+                 else "<snapshot> <cow file> [<cow file>...] <image file>")
         raise SnapError(errno.EINVAL, f"wrong number of arguments: expected {usage} "
                         "(see 'update-img --help')")
-    args.cow_file, args.image = ([None] if whole else []) + args.files
+    args.cow_files, args.image = args.files[:-1], args.files[-1]
     return args
 
 
 # -- checks ---------------------------------------------------------------------------
 
-def check(changed: changes.ChangeList, snap: Snapshot, image_size: int) -> None:
-    """The change list (proven whole by changes.read_closed) is the one just before the
-    snapshot, and all sizes agree; EINVAL naming the first mismatch."""
-    h, path, snap_id = changed.header, changed.path, snap.identity
+def read_chain(paths: list[str]) -> list[changes.ChangeList]:
+    """Each COW file's change list (each proven whole by changes.read_closed), checked to
+    follow the one before it; EINVAL naming the first file out of place."""
+    chain = [changes.read_closed(path) for path in paths]
+    for before, after in zip(chain, chain[1:]):
+        check_link(before, after, chain[0])
+    return chain
+
+
+def check_link(before: changes.ChangeList, after: changes.ChangeList,
+               first: changes.ChangeList) -> None:
+    """``after`` is the COW file right after ``before`` in ``first``'s chain."""
+    b, a, path = before.header, after.header, after.path
+    if a.uuid != first.header.uuid:
+        raise SnapError(errno.EINVAL, f"{path} is of another backup chain: uuid "
+                        f"{a.uuid.hex()}, {first.path}'s is {first.header.uuid.hex()}")
+    if a.seq_id == b.seq_id:
+        raise SnapError(errno.EINVAL, f"{path} has seq_id {a.seq_id}, as {before.path} "
+                        "before it has: a COW file is given twice")
+    if a.seq_id < b.seq_id:
+        raise SnapError(errno.EINVAL, f"{path} has seq_id {a.seq_id}, older than "
+                        f"{before.path} before it (seq_id {b.seq_id}): give the COW files "
+                        "oldest first")
+    if a.seq_id != b.seq_id + 1:
+        missing = (f"file with seq_id {b.seq_id + 1} is" if a.seq_id == b.seq_id + 2 else
+                   f"files with seq_ids {b.seq_id + 1} to {a.seq_id - 1} are")
+        raise SnapError(errno.EINVAL, f"{path} has seq_id {a.seq_id}, but {before.path} "
+                        f"before it has {b.seq_id}: the COW {missing} missing between them")
+    if a.origin_size != first.header.origin_size:
+        raise SnapError(errno.EINVAL, f"sizes differ: {path}'s origin is {a.origin_size} "
+                        f"bytes, {first.path}'s {first.header.origin_size}")
+
+
+def check(chain: list[changes.ChangeList], snap: Snapshot, image_size: int) -> None:
+    """The chain (checked by read_chain) ends just before the snapshot, and all sizes
+    agree; EINVAL naming the first mismatch."""
+    first, last, snap_id = chain[0], chain[-1], snap.identity
+    h, path = last.header, last.path
     if h.uuid.hex() != snap_id.uuid:
         raise SnapError(errno.EINVAL, f"{path} is of another backup chain: uuid "
                         f"{h.uuid.hex()}, the snapshot's is {snap_id.uuid}")
     if h.seq_id != snap_id.seq_id - 1:
         raise SnapError(errno.EINVAL, f"{path} has seq_id {h.seq_id}; the snapshot has "
-                        f"seq_id {snap_id.seq_id}, so it needs the COW file with seq_id "
-                        f"{snap_id.seq_id - 1}")
-    if not h.origin_size == snap.size == image_size:
+                        f"seq_id {snap_id.seq_id}, so the last COW file must be the one "
+                        f"with seq_id {snap_id.seq_id - 1}")
+    if not first.header.origin_size == snap.size == image_size:
         raise SnapError(errno.EINVAL, f"sizes differ: image {image_size}, snapshot "
-                        f"{snap.size}, COW file's origin {h.origin_size} bytes")
+                        f"{snap.size}, COW files' origin {first.header.origin_size} bytes")
 
 
 # -- the stamp ---------------------------------------------------------------------------
 
 def check_stamp(image: str, changed: changes.ChangeList) -> None:
-    """The image holds the snapshot the COW file starts from; EINVAL if not. An unstamped
-    image is taken on trust, with one warning line."""
+    """The image holds the snapshot the (first) COW file starts from; EINVAL if not. An
+    unstamped image is taken on trust, with one warning line."""
     h = changed.header
     stamp = read_stamp(image)
     if stamp is None:
@@ -257,16 +302,29 @@ def copy_and_stamp(copier: Copier, work: Iterator[tuple[int, int]], image: str, 
     return 0
 
 
+def image_size_of(path: str) -> int:
+    """The image's size, read through a read-only descriptor (nothing is written yet)."""
+    fd = open_image(path, os.O_RDONLY)
+    try:
+        return image_size(fd)
+    finally:
+        os.close(fd)
+
+
 def update(args: argparse.Namespace) -> int:
-    changed = changes.read_closed(args.cow_file)
+    """Check the chain, the snapshot, the image and its stamp, then copy the union of the
+    chain's changed blocks once."""
+    chain = read_chain(args.cow_files)
+    extents = changes.union(changed.scan for changed in chain)
+    origin_size = chain[0].header.origin_size
     with open_snapshot(args.snapshot, RunDir(args.run_dir), args.minor) as snap:
-        fd = open_image(args.image)
+        check(chain, snap, image_size_of(args.image))
+        check_stamp(args.image, chain[0])
+        fd = open_image(args.image)  # every check passed: only now opened for writing
         try:
-            check(changed, snap, image_size(fd))
-            check_stamp(args.image, changed)
-            copier = Copier(snap.readers(WORKERS), fd, changed.header.nr_changed_blocks)
-            return copy_and_stamp(copier, chunks(changed.byte_extents()), args.image, fd,
-                                  snap.identity, "changed")
+            copier = Copier(snap.readers(WORKERS), fd, changes.nr_extent_blocks(extents))
+            return copy_and_stamp(copier, chunks(changes.byte_extents(extents, origin_size)),
+                                  args.image, fd, snap.identity, "changed")
         finally:
             os.close(fd)
 

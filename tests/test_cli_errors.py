@@ -326,9 +326,10 @@ class TestErrors:
         assert not os.path.lexists(NEVER)
 
 
-def test_to_incremental_when_the_snapshot_has_failed(d, tmp_path):
+def test_to_incremental_after_an_overflow_goes_on_with_the_chain(d, tmp_path):
     """-f 1 and 2 MiB of data overwritten through NBD: the snapshot fails with EFBIG (the
-    write does not); transition-to-incremental is then refused with EINVAL."""
+    write does not), its change list is kept: transition-to-incremental is allowed and
+    clears the error (INTERFACE §8; before §8 it was EINVAL)."""
     nbd = pytest.importorskip("nbd")
     h = nbd.NBD()
     h.connect_uri(d.uri("disk0"))
@@ -339,14 +340,19 @@ def test_to_incremental_when_the_snapshot_has_failed(d, tmp_path):
         h.pwrite(os.urandom(2 * MiB), 0)
         h.flush()
         wait_for(lambda: "error" in d.info(0), what="the snapshot of minor 0 to fail")
-        assert d.info(0)["error"] == -errno.EFBIG and d.info(0)["state"] == 3
-        assert "reached its limit" in d.info(0)["error_text"]  # why, not just a number
-        fails(d, errno.EINVAL, "transition-to-incremental", "0", watch=[tmp_path])
+        info = d.info(0)
+        assert info["error"] == -errno.EFBIG and info["state"] == 3 and info["tracking"]
+        assert "reached its limit" in info["error_text"]  # why, not just a number
+        assert info["nr_changed_blocks"] == 2 * MiB // 4096
+        fails(d, errno.EINVAL, "expand-cow-file", "8", "0", watch=[tmp_path])
+        d.elioctl("transition-to-incremental", "0")
+        info = d.info(0)
+        assert info["state"] == 2 and "error" not in info
     finally:
         h.shutdown()
     # The last client left: wait until minor 0 is dormant, so that the detach cannot
     # land on a minor set up by a later test.
-    wait_for(lambda: d.info(0)["state"] == 1, what="minor 0 to go dormant")
+    wait_for(lambda: d.info(0)["state"] == 0, what="minor 0 to go dormant")
 
 
 # -- success paths ------------------------------------------------------------------------

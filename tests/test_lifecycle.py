@@ -182,6 +182,7 @@ def look(w: World) -> dict:
         registry = None
     try:
         info = w.engine.info(0)
+        info.pop("cow_size_current", None)  # disk space: a failed step may have used some
     except OSError:
         info = None
     return {"files": files, "registry": registry, "info": info, "snapshot": snapshot_bytes(w),

@@ -13,13 +13,13 @@ import os
 import pytest
 
 from snapengine.errors import SnapError
-from snapengine.registry import FIELDS, REGISTRY_VERSION, Registry
+from snapengine.registry import DEFAULTS, FIELDS, REGISTRY_VERSION, Registry
 
 
 def entry(minor: int, mode: str = "snapshot") -> dict:
     return {"minor": minor, "origin": f"/srv/disk{minor}.img", "cow_file": f"/var/cow{minor}",
             "mode": mode, "max_cache": 300 << 20, "fallocate": 1 << 20,
-            "uuid": f"{minor:032x}", "seq_id": minor + 1}
+            "uuid": f"{minor:032x}", "seq_id": minor + 1, "auto_expand": [minor, 2 * minor]}
 
 
 def test_a_missing_registry_is_no_minor(tmp_path):
@@ -99,7 +99,16 @@ def test_an_unreadable_registry_is_euclean(tmp_path):
 def test_every_field_is_saved(tmp_path):
     path = str(tmp_path / "registry.json")
     Registry(path).save([entry(2)])
-    assert set(Registry(path).load()[0]) == set(FIELDS)
+    assert set(Registry(path).load()[0]) == set(FIELDS) | set(DEFAULTS)
+
+
+def test_an_entry_of_an_older_registry_loads_with_the_defaults(tmp_path):
+    """A registry written before auto-expand existed: its minors load, auto-expand off."""
+    path = str(tmp_path / "registry.json")
+    old = {k: v for k, v in entry(1).items() if k != "auto_expand"}
+    with open(path, "w") as f:
+        json.dump({"version": REGISTRY_VERSION, "minors": [old]}, f)
+    assert Registry(path).load() == [{**old, "auto_expand": [0, 0]}]
 
 
 BAD_VALUES = {
@@ -108,6 +117,8 @@ BAD_VALUES = {
     "mode-unknown": ("mode", "weird"), "origin-empty": ("origin", ""),
     "cow-file-not-a-string": ("cow_file", 7), "uuid-short": ("uuid", "abc"),
     "seq-id-not-a-number": ("seq_id", "2"), "fallocate-negative": ("fallocate", -4096),
+    "auto-expand-not-a-list": ("auto_expand", 4), "auto-expand-short": ("auto_expand", [4]),
+    "auto-expand-negative": ("auto_expand", [4, -1]),
 }
 
 

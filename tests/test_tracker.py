@@ -15,7 +15,8 @@ from snapengine.entry import AHEAD, MARK
 from snapengine.errors import SnapError
 from snapengine.fileio import FileIO
 from snapengine.index import MIN_CACHE_PAGES, PAGE_COST
-from snapengine.tracker import IncrementalTracker, SnapshotTracker
+from snapengine.snapshot import SnapshotTracker
+from snapengine.tracker import IncrementalTracker
 
 MiB = 1 << 20
 
@@ -35,7 +36,7 @@ def read(export, offset, length):
     return bytes(buf)
 
 
-def test_fallocate_limit_fails_the_snapshot_not_the_origin(engine, tmp_path):
+def test_fallocate_limit_fails_the_snapshot_not_the_origin_nor_its_list(engine, tmp_path):
     h = engine.open_export("disk", False)
     before = read(h, 0, 8 * MiB)
     engine.setup_snapshot("disk", str(tmp_path / "cow"), 0, fallocate_mb=1)
@@ -43,22 +44,29 @@ def test_fallocate_limit_fails_the_snapshot_not_the_origin(engine, tmp_path):
     new = os.urandom(3 * MiB)
     h.pwrite(new, 0, False)  # 3 MiB of first touches against a 1 MiB limit
     info = engine.info(0)
-    assert info["error"] == -errno.EFBIG and info["state"] == 3
+    assert info["error"] == -errno.EFBIG and info["state"] == 3 and info["tracking"] is True
     assert read(h, 0, 3 * MiB) == new  # nothing written to the origin is lost
     assert read(h, 3 * MiB, 5 * MiB) == before[3 * MiB:]
     with pytest.raises(SnapError) as e:
         read(snap, 0, 4096)
     assert e.value.errno == errno.EIO
-    h.pwrite(b"z" * 4096, 7 * MiB, False)  # later writes go straight through
+    h.pwrite(b"z" * 4096, 7 * MiB, False)  # later writes go straight through, marked
     assert read(h, 7 * MiB, 4096) == b"z" * 4096
-    with pytest.raises(SnapError) as e:
-        engine.transition_to_incremental(0)
-    assert e.value.errno == errno.EINVAL
-    h.close()
+    info = engine.info(0)
+    assert info["nr_changed_blocks"] == 3 * MiB // 4096 + 1
+    assert info["cow_size_current"] < MiB  # the saved data was given back at once
     header = CowFile.open(str(tmp_path / "cow"), writable=False).header
-    assert header.error == -errno.EFBIG  # the failure is recorded in the file too
+    assert header.error == -errno.EFBIG and header.kept  # recorded in the file too
+    engine.transition_to_incremental(0)  # the list was kept: the chain goes on
+    info = engine.info(0)
+    assert info["state"] == 2 and "error" not in info and "tracking" not in info
+    h.pwrite(b"y" * 4096, 6 * MiB, False)
+    engine.transition_to_snapshot(str(tmp_path / "cow2"), 0)
+    h.close()
+    closed = changes.read_closed(str(tmp_path / "cow"))
+    assert list(closed.byte_extents()) == [(0, 3 * MiB), (6 * MiB, 4096), (7 * MiB, 4096)]
     engine.destroy(0)
-    assert not os.path.exists(tmp_path / "cow")
+    assert not os.path.exists(tmp_path / "cow2")
 
 
 def test_flipped_byte_in_saved_data_reads_as_eio(engine, tmp_path):

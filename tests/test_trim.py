@@ -28,6 +28,7 @@ import nbd
 import pytest
 
 from tests.harness import (
+    MKFS_EXT4,
     attached,
     connected,
     daemon,
@@ -58,9 +59,6 @@ KEEP_SIZE = 4 * MiB  # keep.bin: 1 MiB of it rewritten in place after the snapsh
 REWRITE_SIZE = 1 * MiB
 SMALL_FILES = 8  # small files of SMALL_SIZE, so that the file system holds ~10 MiB
 SMALL_SIZE = 256 * KiB
-# mkfs: 4 KiB blocks (a 256 MiB ext4 could default to 1 KiB), and the inode tables and
-# journal written now, not by ext4lazyinit while the test runs
-MKFS = ["mkfs.ext4", "-q", "-F", "-b", str(BLOCK), "-E", "lazy_itable_init=0,lazy_journal_init=0"]
 DISCARD_SECTORS_FIELD = 13  # /sys/block/loopN/stat: sectors discarded (completed)
 
 NBD_SIZE = 64 * MiB  # origin of the libnbd tests
@@ -202,7 +200,7 @@ def test_trims_from_ext4_cost_no_cow_space(tmp_path, how):
     with daemon(str(tmp_path / "run"), [(origin, "disk0")]) as d:
         snap_uri = d.uri(f"elastio-snap{MINOR}")
         with attached(d.uri("disk0"), str(tmp_path / "fuse")) as dev:
-            run(MKFS + [dev])
+            run(MKFS_EXT4 + [dev])
             options = "discard" if how == "mount-o-discard" else ""
             with mounted(dev, str(tmp_path / "fs"), options) as fs:
                 old_path = os.path.join(fs, "old.bin")

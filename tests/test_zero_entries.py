@@ -22,7 +22,7 @@ from snapengine.engine import Engine
 from snapengine.entry import classify, mark_changed, zero_entries
 from snapengine.errors import SnapError
 from snapengine.fileio import FileIO
-from snapengine.tracker import SnapshotTracker
+from snapengine.snapshot import SnapshotTracker
 
 MiB = 1 << 20
 BLOCK = 4096

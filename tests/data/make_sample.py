@@ -11,7 +11,8 @@ import tempfile
 
 from snapengine.cowfile import CowFile, Header
 from snapengine.fileio import FileIO
-from snapengine.tracker import IncrementalTracker, SnapshotTracker
+from snapengine.snapshot import SnapshotTracker
+from snapengine.tracker import IncrementalTracker
 
 UUID = bytes.fromhex("00112233445566778899aabbccddeeff")
 SIZE = (8 << 20) + 1000

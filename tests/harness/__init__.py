@@ -5,7 +5,7 @@
 * daemon: ``Daemon`` (``snapengine serve``: start, stop, kill -9, log, elioctl, info,
   control requests, update-img) and the ``daemon()`` context manager;
 * nbdclient: libnbd handles, whole-export reads and digests;
-* devices: nbdfuse + loop devices + mounts, always detached;
+* devices: nbdfuse + loop devices + mounts, tmpfs, always detached; ``MKFS_EXT4``;
 * files: sparse images, digests, scratch directories, file-system churn;
 * faults (``FaultPlan``) and powercut (``Disk``, ``crash_image``): file I/O layers
   handed to an in-process ``Engine`` to fail, cut power or crash at exact points.
@@ -15,7 +15,7 @@ bench scripts do the same (run them from the repository root: ``python -m bench.
 """
 
 from .daemon import Daemon, daemon, update_img
-from .devices import attached, frozen, mounted
+from .devices import MKFS_EXT4, attached, frozen, mounted, tmpfs
 from .files import churn, digest, sparse_file, workdir
 from .nbdclient import (
     connect,
@@ -49,10 +49,11 @@ from .sockets import (
 )
 
 __all__ = [
-    "BIN", "IN_CI", "ROOT", "CommandFailed", "Daemon", "ServerStartError", "attached",
+    "BIN", "IN_CI", "MKFS_EXT4", "ROOT", "CommandFailed", "Daemon", "ServerStartError",
+    "attached",
     "churn", "connect", "connected", "control_answers", "daemon", "digest", "export_bytes",
     "export_digest", "export_names", "frozen", "log_tail", "mounted", "pipelined", "read_all",
     "remove_stale_socket", "require", "require_root_devices", "retire_one", "run",
-    "shutdown_quietly", "socket_answers", "sparse_file", "stop_process", "update_img",
-    "wait_for", "wait_socket", "workdir",
+    "shutdown_quietly", "socket_answers", "sparse_file", "stop_process", "tmpfs",
+    "update_img", "wait_for", "wait_socket", "workdir",
 ]

@@ -11,9 +11,13 @@ import os
 import subprocess
 from typing import Iterator
 
-from .process import require, require_root_devices, run, wait_for
+from .process import IN_CI, require, require_root_devices, run, wait_for
 
 FUSE_EXIT_TIMEOUT = 10.0  # seconds for nbdfuse to exit once unmounted
+# mkfs.ext4 for the tests: 4 KiB blocks (a small ext4 could default to 1 KiB), and the
+# inode tables and journal written now, not by ext4lazyinit while a test runs
+MKFS_EXT4 = ["mkfs.ext4", "-q", "-F", "-b", "4096", "-E",
+             "lazy_itable_init=0,lazy_journal_init=0"]
 
 
 @contextlib.contextmanager
@@ -73,3 +77,26 @@ def frozen(mountpoint: str) -> Iterator[None]:
         yield
     finally:
         run(["fsfreeze", "-u", mountpoint])
+
+
+@contextlib.contextmanager
+def tmpfs(path: str, size: str) -> Iterator[str]:
+    """A tmpfs of ``size`` (mount's syntax: "1m") at ``path``: a small file system that
+    fills up. Root only: skipped on a developer's machine, a failure in CI."""
+    import pytest  # only the tests use this one
+
+    if os.geteuid() != 0:
+        if IN_CI:
+            pytest.fail("a tmpfs needs root in CI")
+        pytest.skip("mounting a tmpfs needs root")
+    os.makedirs(path, exist_ok=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", path],
+                       capture_output=True, text=True, check=False)
+    if r.returncode != 0:
+        if IN_CI:
+            pytest.fail(f"cannot mount a tmpfs in CI: {r.stderr.strip()}")
+        pytest.skip(f"cannot mount a tmpfs: {r.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", path], check=False)
