@@ -6,7 +6,7 @@ transition-to-snapshot and destroy on a 1 TiB and on a 1 GiB sparse origin, in t
 * ``elioctl``: the command line an administrator runs (includes starting Python for
   elioctl, about 70 ms);
 * ``in-process``: the same request sent over the control socket with
-  ``snapengine.control.request`` from this process: the engine's own cost.
+  ``snapengine.client.request`` from this process: the engine's own cost.
 
 How: one daemon serves both origins; each keeps one NBD connection open (the minor is
 active, as on a live system). One cycle is setup-snapshot (minor 0), writes,

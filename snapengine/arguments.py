@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import errno
 import os
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 from .errors import SnapError
 from .origin import Origin
+from .stacking import carrying_origin
 from .units import MB, MiB
 
 MAX_MINORS_LIMIT = 255  # --max-minors N gives minors 0..N-1
@@ -111,6 +112,30 @@ def find_origin(origins: Iterable[Origin], spec: Any, path: str | None = None) -
             return origin
     names = ", ".join(o.name for o in origins) or "none"
     raise SnapError(errno.ENODEV, f"{spec} is not served by this daemon (origins: {names})")
+
+
+def untracked_origin(origins: Iterable[Origin], minors: Mapping[int, Any], n: int,
+                     block_device: Any, path: str | None) -> Origin:
+    """For a new minor ``n``: the origin it would track; EBUSY if either is taken."""
+    if n in minors:
+        raise SnapError(errno.EBUSY, f"minor {n} is already in use ({minors[n].cow_path})")
+    origin = find_origin(origins, block_device, path)
+    if origin.minor is not None:
+        raise SnapError(errno.EBUSY, f"origin {origin.path} is already tracked "
+                        f"by minor {origin.minor}")
+    return origin
+
+
+def placed(path: str, origins: list[Origin], nbd_socket: str) -> str:
+    """``path``, unless its file system is carried by one of our origins (EINVAL):
+    every COW write would go through this daemon's own disk and wait for itself."""
+    found = carrying_origin(os.path.dirname(path), [o.path for o in origins],
+                            [o.name for o in origins], nbd_socket)
+    if found:
+        raise SnapError(errno.EINVAL, f"COW file {path} is on a file system carried by "
+                        f"{found}: its writes would go through this daemon's own disk; "
+                        "put COW files on storage that no origin carries")
+    return path
 
 
 def file_identity(path: str) -> tuple[int, int] | None:

@@ -14,9 +14,9 @@ import sys
 import textwrap
 from typing import Any, Callable, NoReturn
 
-from . import __version__, changes, control, watchcli
+from . import __version__, changes, client, watchcli
 from .arguments import DEFAULT_CACHE_MB, DEFAULT_FALLOCATE_PERCENT, EXPORT_PREFIX
-from .control import request
+from .client import request
 from .errors import SnapError
 from .events import EVENTS
 from .rundir import DEFAULT_RUN_DIR, NBD_SOCKET, RUN_DIR_ENV, RunDir, default_run_dir
@@ -98,6 +98,9 @@ ARGUMENTS: dict[str, tuple[tuple[str, ...], dict]] = {
     "fallocate": (("-f",), dict(dest="fallocate_mb", metavar="<fallocate MB>",
                                 help="hard limit on COW data in MB (default: "
                                 f"{DEFAULT_FALLOCATE_PERCENT}%% of the origin)")),
+    "freeze": (("--freeze",), dict(action="append", metavar="MNT",
+                                   help="freeze the file system mounted at MNT around the "
+                                   "snapshot point (repeatable)")),
     "block_device": (("block_device",), dict(metavar="<block device>",
                                              help="an origin's path or name")),
     "cow_file": (("cow_file",), dict(metavar="<cow file>")),
@@ -114,9 +117,12 @@ ARGUMENTS: dict[str, tuple[tuple[str, ...], dict]] = {
 
 
 def _tracking_commands(sub) -> None:
-    _command(sub, "setup-snapshot", setup_snapshot,
-             "take a snapshot of <block device>, saving old data to a new <cow file>",
-             "cache", "fallocate", "block_device", "new_cow_file", "minor")
+    p = _command(sub, "setup-snapshot", setup_snapshot,
+                 "take a snapshot of <block device>, saving old data to a new <cow file>",
+                 "cache", "fallocate", "freeze", "block_device", "new_cow_file", "minor",
+                 details=GROUP_DETAILS)
+    p.add_argument("more", nargs="*", metavar="<block device> <cow file> <minor>",
+                   help="more origins, all at the same snapshot point")
     for mode in ("snapshot", "incremental"):
         _command(sub, f"reload-{mode}", reload,
                  f"bring back a minor left in {mode} mode (after the registry was lost); "
@@ -124,14 +130,29 @@ def _tracking_commands(sub) -> None:
                  "cache", "block_device", "cow_file", "minor")
     _command(sub, "transition-to-incremental", transition_to_incremental,
              "drop the snapshot, keep tracking which blocks change (state 2)", "minor")
-    _command(sub, "transition-to-snapshot", transition_to_snapshot,
-             "take the next snapshot into a new <cow file>; the old one keeps the list "
-             "of blocks changed between the two snapshots", "fallocate", "cow_file", "minor")
+    p = _command(sub, "transition-to-snapshot", transition_to_snapshot,
+                 "take the next snapshot into a new <cow file>; the old one keeps the list "
+                 "of blocks changed between the two snapshots", "fallocate", "freeze",
+                 "cow_file", "minor", details=GROUP_DETAILS)
+    p.add_argument("more", nargs="*", metavar="<cow file> <minor>",
+                   help="more minors, all at the same snapshot point")
     _command(sub, "destroy", destroy, "stop tracking, remove the snapshot, unlink the COW "
              "file (only one the daemon created or verified)", "minor")
     _command(sub, "reconfigure", reconfigure, "change the index cache limit of a minor, live",
              "cache", "minor")
     _space_commands(sub)
+
+
+GROUP_DETAILS = """\
+Several origins (several triples, or pairs for transition-to-snapshot) get one snapshot
+point: every write to any of them lands wholly before it (in every snapshot) or wholly
+after it (in none). All or nothing: if one part fails, none is set up or transitioned,
+and the exit status is that part's errno, named in the message. The same minor, origin
+or COW file twice: EINVAL. --freeze MNT (repeatable) freezes the file system mounted at
+MNT just before the point and thaws it just after (the daemon does it, and a guard
+thaws it whatever happens, within 30 s at most), so the snapshot mounts without journal
+recovery. MNT not a mount point: EINVAL, nothing frozen or set up.
+"""
 
 
 def _space_commands(sub) -> None:
@@ -213,9 +234,28 @@ def _opts(args: argparse.Namespace, *names: str) -> dict[str, Any]:
     return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
 
 
+def _parts(args: argparse.Namespace, names: tuple[str, ...]) -> dict[str, Any]:
+    """The positional parts: one (plain values) or several (a list per field)."""
+    first = [getattr(args, n) for n in names]
+    if len(args.more) % len(names):
+        raise SnapError(errno.EINVAL, f"each part needs {len(names)} values: "
+                        f"{' '.join(f'<{n}>' for n in names)} (see 'elioctl help')")
+    rows = [first] + [args.more[i:i + len(names)] for i in range(0, len(args.more), len(names))]
+    columns = {n: [row[k] for row in rows] for k, n in enumerate(names)}
+    if "cow_file" in columns:
+        columns["cow_file"] = [_path(c) for c in columns["cow_file"]]
+    if "block_device" in columns:
+        columns["block_device_path"] = [os.path.abspath(b) for b in columns["block_device"]]
+    out = {n: v if len(rows) > 1 else v[0] for n, v in columns.items()}
+    if args.freeze:
+        out["freeze"] = [os.path.abspath(m) for m in args.freeze]
+    return out
+
+
 def setup_snapshot(args: argparse.Namespace) -> None:
-    request(_socket(args), "setup-snapshot", **_device(args), minor=args.minor,
-            cow_file=_path(args.cow_file), **_opts(args, "cache_mb", "fallocate_mb"))
+    request(_socket(args), "setup-snapshot",
+            **_parts(args, ("block_device", "cow_file", "minor")),
+            **_opts(args, "cache_mb", "fallocate_mb"))
 
 
 def reload(args: argparse.Namespace) -> None:
@@ -228,8 +268,8 @@ def transition_to_incremental(args: argparse.Namespace) -> None:
 
 
 def transition_to_snapshot(args: argparse.Namespace) -> None:
-    request(_socket(args), "transition-to-snapshot", minor=args.minor,
-            cow_file=_path(args.cow_file), **_opts(args, "fallocate_mb"))
+    request(_socket(args), "transition-to-snapshot", **_parts(args, ("cow_file", "minor")),
+            **_opts(args, "fallocate_mb"))
 
 
 def destroy(args: argparse.Namespace) -> None:
@@ -254,7 +294,7 @@ def reconfigure_auto_expand(args: argparse.Namespace) -> None:
 def watch(args: argparse.Namespace) -> None:
     """Until Ctrl-C or the daemon stops (exit 0); SnapError (ENOBUFS) if dropped."""
     try:
-        watchcli.follow(control.watch(_socket(args), args.minor), args.json)
+        watchcli.follow(client.watch(_socket(args), args.minor), args.json)
     except KeyboardInterrupt:
         pass
 

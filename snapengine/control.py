@@ -31,7 +31,7 @@ import socket
 import struct
 import threading
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from .errors import SnapError
 
@@ -40,11 +40,10 @@ log = logging.getLogger(__name__)
 MAX_REQUEST = 64 * 1024  # bytes in one request line
 CONN_TIMEOUT = 30.0  # seconds a client may take to send one whole request
 MAX_CONNECTIONS = 64  # connections served at once; more are refused with EAGAIN
-MAX_DEPTH = 1  # a request is a flat object: no nested arrays or objects
+MAX_DEPTH = 1  # a request is a flat object: no nested objects; lists only in Many fields
 MAX_WATCHERS = 16  # watch connections at once (each also holds a connection slot); more: EAGAIN
 WATCH_POLL = 1.0  # seconds between looks at a quiet watcher's peer (gone?) and drop flag
 WATCH_SEND_TIMEOUT = 10.0  # seconds one event may take to send; longer ends the watch
-MAX_REPLY = 16 * MAX_REQUEST  # bytes the client reads of one reply line
 DROPPED = "this watcher fell behind and was dropped"  # the ENOBUFS message
 
 STR = (str,)
@@ -52,12 +51,22 @@ MINOR = (str, int)  # the engine checks "not a number" itself, with EINVAL
 MB_FIELD = (str, int)  # a required size in MB; the engine checks the number
 OPT_MB = MB_FIELD + (type(None),)
 OPT_MINOR = MINOR + (type(None),)
+MAX_PARTS = 64  # parts of one group command (a list field's values)
+
+
+class Many(tuple):
+    """A field that takes these types, or a list of them: one value per part of a group
+    command (INTERFACE §9; group.columns). The only nesting a request may have."""
+
+
+STRS, MINORS = Many(STR), Many(MINOR)
 
 # op -> (engine method name, {field: accepted types}, required fields)
 OPS: dict[str, tuple[str, dict[str, tuple], tuple[str, ...]]] = {
-    "setup-snapshot": ("setup_snapshot", {"block_device": STR, "block_device_path": STR,
-                                          "cow_file": STR, "minor": MINOR,
-                                          "cache_mb": OPT_MB, "fallocate_mb": OPT_MB},
+    "setup-snapshot": ("setup_snapshot", {"block_device": STRS, "block_device_path": STRS,
+                                          "cow_file": STRS, "minor": MINORS,
+                                          "cache_mb": OPT_MB, "fallocate_mb": OPT_MB,
+                                          "freeze": STRS},
                        ("block_device", "cow_file", "minor")),
     "reload-snapshot": ("reload_snapshot", {"block_device": STR, "block_device_path": STR,
                                             "cow_file": STR, "minor": MINOR, "cache_mb": OPT_MB},
@@ -67,8 +76,9 @@ OPS: dict[str, tuple[str, dict[str, tuple], tuple[str, ...]]] = {
                                                   "cache_mb": OPT_MB},
                            ("block_device", "cow_file", "minor")),
     "transition-to-incremental": ("transition_to_incremental", {"minor": MINOR}, ("minor",)),
-    "transition-to-snapshot": ("transition_to_snapshot", {"cow_file": STR, "minor": MINOR,
-                                                          "fallocate_mb": OPT_MB},
+    "transition-to-snapshot": ("transition_to_snapshot", {"cow_file": STRS, "minor": MINORS,
+                                                          "fallocate_mb": OPT_MB,
+                                                          "freeze": STRS},
                                ("cow_file", "minor")),
     "destroy": ("destroy", {"minor": MINOR}, ("minor",)),
     "reconfigure": ("reconfigure", {"minor": MINOR, "cache_mb": OPT_MB}, ("minor",)),
@@ -126,7 +136,7 @@ def parse_request(line: bytes) -> tuple[str, dict[str, Any]]:
         req = json.loads(line, object_pairs_hook=_unique_keys)
     except (ValueError, RecursionError) as e:
         raise SnapError(errno.EINVAL, f"request is not JSON: {str(e)[:100]}")
-    if not isinstance(req, dict) or _depth(req) > MAX_DEPTH:
+    if not isinstance(req, dict) or _depth(req, MAX_DEPTH + 1) > MAX_DEPTH + 1:
         raise SnapError(errno.EINVAL, "request must be a flat JSON object")
     op = req.pop("op", None)
     if not isinstance(op, str) or op not in OPS:
@@ -135,14 +145,24 @@ def parse_request(line: bytes) -> tuple[str, dict[str, Any]]:
     for key, value in req.items():
         if key not in fields:
             raise SnapError(errno.EINVAL, f"{op}: unknown field {key[:64]!r}")
-        if isinstance(value, bool) or not isinstance(value, fields[key]):
-            raise SnapError(errno.EINVAL, f"{op}: field {key!r} has the wrong type")
-        if isinstance(value, str) and not _valid_string(value):
-            raise SnapError(errno.EINVAL, f"{op}: field {key!r} is not a valid string")
+        _check_value(op, key, value, fields[key])
     for key in required:
         if key not in req:
             raise SnapError(errno.EINVAL, f"{op}: field {key!r} is missing")
     return op, req
+
+
+def _check_value(op: str, key: str, value: Any, types: tuple) -> None:
+    """``value`` is one of ``types`` (or, for a Many field, a list of 1..MAX_PARTS of
+    them) and every string in it is valid; else EINVAL."""
+    values = value if isinstance(types, Many) and isinstance(value, list) else [value]
+    if not 0 < len(values) <= MAX_PARTS:
+        raise SnapError(errno.EINVAL, f"{op}: field {key!r} needs 1 to {MAX_PARTS} values")
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, tuple(types)):
+            raise SnapError(errno.EINVAL, f"{op}: field {key!r} has the wrong type")
+        if isinstance(v, str) and not _valid_string(v):
+            raise SnapError(errno.EINVAL, f"{op}: field {key!r} is not a valid string")
 
 
 def peer_uid(conn: socket.socket) -> int:
@@ -392,107 +412,3 @@ def remove_stale_socket(path: str) -> None:
     finally:
         probe.close()
     raise SnapError(errno.EADDRINUSE, f"{path}: another daemon is already listening there")
-
-
-def _connect(path: str) -> socket.socket:
-    """A connection to the daemon at ``path``. A full listen backlog (EAGAIN: a burst of
-    clients) is a busy daemon, not a missing one: wait for room, up to CONN_TIMEOUT."""
-    deadline = time.monotonic() + CONN_TIMEOUT
-    while True:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(CONN_TIMEOUT * 4)
-        try:
-            sock.connect(path)
-            return sock
-        except BlockingIOError:
-            sock.close()
-            if time.monotonic() >= deadline:
-                raise SnapError(errno.EAGAIN, f"the daemon at {path} is too busy to accept "
-                                "a connection; try again")
-            time.sleep(0.01)
-        except FileNotFoundError:
-            sock.close()
-            raise SnapError(errno.ENOENT, f"no daemon socket at {path}; start the daemon "
-                            "with `snapengine serve` (or `make run`)")
-        except PermissionError:
-            sock.close()
-            raise SnapError(errno.EACCES, f"no permission to use {path} (root or the daemon's "
-                            "user only)")
-        except OSError as e:
-            sock.close()
-            raise SnapError(e.errno or errno.ECONNREFUSED, f"cannot reach the daemon at {path} "
-                            f"({e.strerror}); start it with `snapengine serve`")
-
-
-def request(path: str, op: str, **args: Any) -> Any:
-    """Send one request to the daemon at ``path``; return its result or raise SnapError."""
-    sock = _connect(path)
-    try:
-        _send(sock, {"op": op, **args})
-        line = _read_line(sock.makefile("rb"), path)
-    finally:
-        sock.close()
-    return _result(path, line)
-
-
-def watch(path: str, minor: Any = None) -> Iterator[dict]:
-    """The daemon's events (of ``minor``, or of every minor) as they happen, until the
-    daemon stops: its "end" line, or the connection closing. SnapError if the watch is
-    refused, and ENOBUFS if the daemon dropped this watcher for falling behind."""
-    sock = _connect(path)
-    try:
-        _send(sock, {"op": "watch"} if minor is None else {"op": "watch", "minor": minor})
-        replies = sock.makefile("rb")
-        if _result(path, _read_line(replies, path)) != "watching":
-            raise SnapError(errno.EPROTO, f"the daemon at {path} did not start the watch")
-        sock.settimeout(None)  # events may be hours apart
-        while True:
-            line = _read_line(replies, path, end_ok=True)
-            if not line:
-                return  # the daemon is gone
-            reply = _parse(path, line)
-            if "event" not in reply:
-                _result(path, line)  # raises for an error line; "end" otherwise
-                return
-            yield reply["event"]
-    finally:
-        sock.close()
-
-
-def _send(sock: socket.socket, req: dict[str, Any]) -> None:
-    try:
-        sock.sendall(json.dumps(req).encode() + b"\n")
-    except OSError:
-        pass  # a refusing daemon may hang up first: its answer is still there to read
-
-
-def _read_line(replies: Any, path: str, end_ok: bool = False) -> bytes:
-    """One reply line. The end of the stream, or a reset, is ECONNRESET; for a watch
-    (``end_ok``: the daemon stopped, or died) it is b""."""
-    try:
-        line = replies.readline(MAX_REPLY)
-    except ConnectionResetError:
-        line = b""
-    except OSError as e:
-        raise SnapError(e.errno or errno.EIO, f"no answer from the daemon at {path}: {e}")
-    if not line and not end_ok:
-        raise SnapError(errno.ECONNRESET, f"the daemon at {path} closed the connection")
-    return line
-
-
-def _parse(path: str, line: bytes) -> dict[str, Any]:
-    try:
-        reply = json.loads(line)
-    except ValueError:
-        reply = None
-    if not isinstance(reply, dict):
-        raise SnapError(errno.EPROTO, f"the daemon at {path} answered garbage: {line[:80]!r}")
-    return reply
-
-
-def _result(path: str, line: bytes) -> Any:
-    """The result of a reply line, or its error raised as SnapError."""
-    reply = _parse(path, line)
-    if reply.get("ok"):
-        return reply.get("result")
-    raise SnapError(int(reply.get("errno") or errno.EIO), str(reply.get("message")))

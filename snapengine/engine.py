@@ -26,55 +26,28 @@ import uuid as uuidlib
 from dataclasses import replace
 from typing import Any
 
-from . import __version__
-from .arguments import (
-    DEFAULT_CACHE_MB,
-    DEFAULT_FALLOCATE_PERCENT,
-    DEFAULT_MAX_MINORS,
-    EXPORT_PREFIX,
-    cache_bytes,
-    check_origin_names,
-    check_settings,
-    expand_megabytes,
-    fallocate_bytes,
-    find_origin,
-    megabytes,
-    minor_number,
-    new_cow_path,
-    reload_cow_path,
-)
+from . import __version__, group
+from .arguments import (DEFAULT_CACHE_MB, DEFAULT_FALLOCATE_PERCENT, DEFAULT_MAX_MINORS,
+    EXPORT_PREFIX, cache_bytes, check_origin_names, check_settings, expand_megabytes,
+    fallocate_bytes, megabytes, minor_number, new_cow_path, placed, reload_cow_path,
+    untracked_origin)
 from .cowfile import FLAG_DURABLE, Header, boot_id
 from .errors import SnapError
 from .events import Watcher
 from .exports import FailedSnapshotExport, OriginExport, SnapshotExport
 from .fileio import FileIO, atomic_write
-from .lifecycle import (
-    AUTO_EXPAND,
-    DESTROY,
-    EXPAND,
-    RECONFIGURE,
-    TO_INCREMENTAL,
-    TO_SNAPSHOT,
-    require,
-)
+from .freeze import check_mounts, frozen
+from .lifecycle import (AUTO_EXPAND, DESTROY, EXPAND, RECONFIGURE, TO_INCREMENTAL, TO_SNAPSHOT,
+    require)
 from .minor import ACTIVE, INCREMENTAL, SNAPSHOT, UNVERIFIED, Minor
+from .observers import Observers
 from .origin import Origin, open_exclusive
 from .registry import Registry
 from .resume import fail_minor, restore
 from .rundir import RunDir, registry_path
-from .observers import Observers
 from .space import room_for
-from .stacking import carrying_origin
-from .transitions import (
-    AutoExpand,
-    Clients,
-    Destroy,
-    Expand,
-    Install,
-    Reconfigure,
-    Resume,
-    ToIncremental,
-)
+from .transitions import (AutoExpand, Clients, Destroy, Expand, Group, Install, Reconfigure,
+    Resume, ToIncremental, saved_by_group)
 from .units import MB
 
 log = logging.getLogger(__name__)
@@ -254,24 +227,52 @@ class Engine:
         return self.minors.get(origin.minor) if origin.minor is not None else None
 
     # -- control operations -------------------------------------------------------------
-    def setup_snapshot(self, block_device: str, cow_file: str, minor: Any,
+    def setup_snapshot(self, block_device: Any, cow_file: Any, minor: Any,
                        cache_mb: Any = None, fallocate_mb: Any = None,
-                       block_device_path: str | None = None) -> None:
-        n = self._minor_number(minor)
+                       block_device_path: Any = None, freeze: Any = None) -> None:
+        """A snapshot of each origin named (several: lists, group.columns), all at one
+        snapshot point, with the file systems mounted at ``freeze`` frozen around it."""
+        parts = group.columns(block_device=block_device, cow_file=cow_file, minor=minor,
+                              block_device_path=block_device_path)
         cache = self._cache_bytes(cache_mb)
         with self._lock:
-            origin = self._untracked_origin(n, block_device, block_device_path)
-            path = self._placed(new_cow_path(self.origins.values(), cow_file))
-            fallocate = self._fallocate_bytes(fallocate_mb, origin)
-            header = Header(origin.size, uuidlib.uuid4().bytes, 1, fallocate,
-                            flags=self._new_flags(), boot_id=boot_id())
-            m = Minor(n, origin, path, SNAPSHOT, cache, fallocate, health=self.observers.health(n),
-                      space=self.observers.space(n))
-            Install(m, self.minors, self._save, self.opener, header).run()
-            self.publish()
-            log.info("minor %d: snapshot of %s set up, COW file %s, limit %d bytes",
-                     n, origin.path, path, fallocate)
-            self.observers.tell(m, "setup")
+            seen: set = set()
+            names = [f"{p['block_device']} {p['cow_file']} {p['minor']}" for p in parts]
+            installs = []
+            for p, name in zip(parts, names):
+                with group.part(name, len(parts)):
+                    installs.append(self._new_snapshot(p, cache, fallocate_mb, seen))
+            self._install(installs, names, freeze, [])
+            for t in installs:
+                m = t.m
+                log.info("minor %d: snapshot of %s set up, COW file %s, limit %d bytes",
+                         m.number, m.origin.path, m.cow_path, m.fallocate)
+                self.observers.tell(m, "setup")
+
+    def _new_snapshot(self, p: dict, cache: int, fallocate_mb: Any, seen: set) -> Install:
+        n = self._minor_number(p["minor"])
+        group.once("minor", n, seen)
+        origin = self._untracked_origin(n, p["block_device"], p["block_device_path"])
+        group.once("origin", origin.path, seen)
+        path = self._placed(new_cow_path(self.origins.values(), p["cow_file"]))
+        group.once("COW file", path, seen)
+        fallocate = self._fallocate_bytes(fallocate_mb, origin)
+        header = Header(origin.size, uuidlib.uuid4().bytes, 1, fallocate,
+                        flags=self._new_flags(), boot_id=boot_id())
+        m = Minor(n, origin, path, SNAPSHOT, cache, fallocate, health=self.observers.health(n),
+                  space=self.observers.space(n))
+        return Install(m, self.minors, saved_by_group, self.opener, header)
+
+    def _install(self, installs: list[Install], names: list[str], freeze: Any,
+                 written: list[str]) -> None:
+        """Run ``installs`` as one Group: one snapshot point, frozen if asked. Nothing the
+        point writes (COW files, the registry and log) may be on a frozen file system."""
+        points = check_mounts(
+            [] if freeze is None else freeze if isinstance(freeze, list) else [freeze],
+            [t.m.cow_path for t in installs] + written + [self.registry.path]
+            + [t.m.origin.path for t in installs if not t.m.origin.io.is_block])
+        Group(installs, names, self.minors, self._save).run(hold=lambda: frozen(points))
+        self.publish()
 
     def reload_snapshot(self, block_device: str, cow_file: str, minor: Any,
                         cache_mb: Any = None, block_device_path: str | None = None) -> None:
@@ -312,24 +313,41 @@ class Engine:
                      m.cow_path)
             self.observers.tell(m, TO_INCREMENTAL)
 
-    def transition_to_snapshot(self, cow_file: str, minor: Any, fallocate_mb: Any = None) -> None:
-        n = self._minor_number(minor)
+    def transition_to_snapshot(self, cow_file: Any, minor: Any, fallocate_mb: Any = None,
+                               freeze: Any = None) -> None:
+        """The next snapshot of each minor named (several: lists), at one snapshot point;
+        each old COW file is closed with the changes since its own point."""
+        parts = group.columns(cow_file=cow_file, minor=minor)
         with self._lock:
-            old = self._get(n)
-            require(TO_SNAPSHOT, old)
-            path = self._placed(new_cow_path(self.origins.values(), cow_file))
-            assert old.tracker is not None
-            fallocate = self._fallocate_bytes(fallocate_mb, old.origin)
-            h = old.tracker.cow.header
-            header = Header(h.origin_size, h.uuid, h.seq_id + 1, fallocate,
-                            flags=self._new_flags(), boot_id=boot_id())
-            m = replace(old, cow_path=path, mode=SNAPSHOT, fallocate=fallocate, tracker=None,
-                        owned=None, readers=0)  # the old snapshot's readers count on ``old``
-            Install(m, self.minors, self._save, self.opener, header).run()
-            self.publish()
-            log.info("minor %d: snapshot seq_id %d in %s; %s closed with %d changed blocks",
-                     n, header.seq_id, path, old.cow_path, old.tracker.nr_changed)
-            self.observers.tell(m, TO_SNAPSHOT)
+            seen: set = set()
+            names = [f"{p['cow_file']} {p['minor']}" for p in parts]
+            installs = []
+            for p, name in zip(parts, names):
+                with group.part(name, len(parts)):
+                    installs.append(self._next_snapshot(p, fallocate_mb, seen))
+            olds = [t.old for t in installs]
+            self._install(installs, names, freeze, [old.cow_path for old in olds])
+            for t, old in zip(installs, olds):
+                log.info("minor %d: snapshot seq_id %d in %s; %s closed with %d changed "
+                         "blocks", t.m.number, t.m.seq_id, t.m.cow_path, old.cow_path,
+                         old.tracker.nr_changed)
+                self.observers.tell(t.m, TO_SNAPSHOT)
+
+    def _next_snapshot(self, p: dict, fallocate_mb: Any, seen: set) -> Install:
+        n = self._minor_number(p["minor"])
+        group.once("minor", n, seen)
+        old = self._get(n)
+        require(TO_SNAPSHOT, old)
+        path = self._placed(new_cow_path(self.origins.values(), p["cow_file"]))
+        group.once("COW file", path, seen)
+        assert old.tracker is not None
+        fallocate = self._fallocate_bytes(fallocate_mb, old.origin)
+        h = old.tracker.cow.header
+        header = Header(h.origin_size, h.uuid, h.seq_id + 1, fallocate,
+                        flags=self._new_flags(), boot_id=boot_id())
+        m = replace(old, cow_path=path, mode=SNAPSHOT, fallocate=fallocate, tracker=None,
+                    owned=None, readers=0, seq_id=h.seq_id + 1)  # the old snapshot's
+        return Install(m, self.minors, saved_by_group, self.opener, header)  # readers: old
 
     def destroy(self, minor: Any) -> str | None:
         """Stop tracking and forget minor ``minor``; unlink its COW file only if the
@@ -419,27 +437,10 @@ class Engine:
         return minor_number(minor, self.max_minors)
 
     def _untracked_origin(self, n: int, block_device: Any, path: str | None) -> Origin:
-        """For a new minor ``n``: the origin it would track; EBUSY if either is taken."""
-        if n in self.minors:
-            raise SnapError(errno.EBUSY, f"minor {n} is already in use "
-                            f"({self.minors[n].cow_path})")
-        origin = find_origin(self.origins.values(), block_device, path)
-        if origin.minor is not None:
-            raise SnapError(errno.EBUSY, f"origin {origin.path} is already tracked "
-                            f"by minor {origin.minor}")
-        return origin
+        return untracked_origin(self.origins.values(), self.minors, n, block_device, path)
 
     def _placed(self, path: str) -> str:
-        """``path``, unless its file system is carried by one of our origins (EINVAL):
-        every COW write would go through this daemon's own disk and wait for itself."""
-        found = carrying_origin(os.path.dirname(path), [o.path for o in self.origins.values()],
-                                list(self.origins), self.layout.nbd_socket)
-        if found:
-            raise SnapError(errno.EINVAL, f"COW file {path} is on a file system carried by "
-                            f"{found}: its writes would go through this daemon's own disk; "
-                            "put COW files on storage that no origin carries")
-        return path
-
+        return placed(path, list(self.origins.values()), self.layout.nbd_socket)
     def _get(self, n: int) -> Minor:
         m = self.minors.get(n)
         if m is None:

@@ -28,7 +28,7 @@ from __future__ import annotations
 import errno
 import logging
 from contextlib import ExitStack
-from typing import Callable, Iterable
+from typing import Callable, ContextManager, Iterable
 
 from .errors import SnapError
 from .minor import Minor
@@ -114,10 +114,14 @@ class Transition:
             except Exception as e:
                 log.error("cannot undo %s: %s", what, e)
 
-    def run(self) -> None:
+    def run(self, hold: Callable[[], ContextManager] | None = None) -> None:
+        """Prepare, then persist and commit with the gates closed; ``hold`` (a freeze of
+        file systems) is entered after prepare, before the gates, and left after them."""
         try:
             self.prepare()
             with ExitStack() as stack:
+                if hold is not None:
+                    stack.enter_context(hold())
                 for gate in sorted(self.gates, key=id):  # one order: no two swaps deadlock
                     stack.enter_context(gate.closed())
                 self.persist()

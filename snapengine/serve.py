@@ -21,7 +21,8 @@ from typing import NoReturn
 from . import __version__
 from .arguments import (DEFAULT_CACHE_MB, DEFAULT_FALLOCATE_PERCENT, DEFAULT_MAX_MINORS,
                         EXPORT_PREFIX, check_origin_names, check_settings)
-from .control import remove_stale_socket, request
+from .client import request
+from .control import remove_stale_socket
 from .daemon import LOG_FORMAT
 from .errors import SnapError
 from .origin import open_exclusive

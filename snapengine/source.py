@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .arguments import EXPORT_PREFIX
-from .control import request
+from .client import request
 from .errors import SnapError
 from .exports import DESCRIBES_ORIGIN, DESCRIBES_SNAPSHOT, DESCRIPTION_KEY
 from .rundir import RunDir

@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from dataclasses import replace
 from typing import Callable, Iterator
 
+from . import group
 from .arguments import file_identity
 from .cowfile import CowFile, Header
 from .errors import SnapError
@@ -116,6 +117,40 @@ class Install(Transition):
         if old is not None and old.tracker is not None:
             old.tracker.quiesce()
             old.tracker.cow.close()
+
+
+def saved_by_group(table: Minors) -> None:
+    """The ``save`` of a Group's part: the group saves the registry once, for all."""
+
+
+class Group(Transition):
+    """Several Installs (setup-snapshot, transition-to-snapshot) at one snapshot point
+    (INTERFACE §9): every part prepared (its COW file made), then the gates of all their
+    origins closed together, every part persisted, the registry saved once with all of
+    them, every part switched, the gates opened. A part that fails undoes them all.
+    Each part's errors name it (group.part)."""
+
+    def __init__(self, parts: list[Install], names: list[str], minors: Minors,
+                 save: Save) -> None:
+        super().__init__([g for p in parts for g in p.gates])
+        self.parts, self.names, self.minors, self.save = parts, names, minors, save
+
+    def prepare(self) -> None:
+        for p, name in zip(self.parts, self.names):
+            self.did(name, p.rollback)  # its own steps, newest first, prepare and persist
+            with group.part(name, len(self.parts)):
+                p.prepare()
+
+    def persist(self) -> None:
+        for p, name in zip(self.parts, self.names):
+            with group.part(name, len(self.parts)):
+                p.persist()
+        self.save({**self.minors, **{p.m.number: replace(p.m, tracker=p.tracker)
+                                     for p in self.parts}})
+
+    def commit(self) -> None:
+        for p in self.parts:
+            p.commit()
 
 
 class ToIncremental(Transition):

@@ -21,7 +21,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from snapengine.control import request
+from snapengine.client import request
 from tests.harness import BIN, daemon, run, sparse_file, wait_for
 
 MiB = 1 << 20  # elioctl's "MB" (-c, -f) is 2**20 bytes, as in the kernel tool

@@ -37,8 +37,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from snapengine import control
-from snapengine.control import ControlServer, request
+from snapengine import client, control
+from snapengine.client import request
+from snapengine.control import ControlServer
 from snapengine.engine import Engine
 from snapengine.errors import SnapError
 from tests.harness import BIN, control_answers, daemon, sparse_file, wait_for
@@ -313,10 +314,12 @@ def test_wrong_type_for_every_field(server, op, field):
         payload += line(req)
     replies = exchange(server.ctl, payload)
     assert len(replies) == len(wrong)
+    many = isinstance(control.OPS[op][1][field], control.Many)  # a group's list field
     for value, reply in zip(wrong.values(), replies):
-        nested = isinstance(value, (list, dict))  # refused first as not flat
-        check_error(reply, errno.EINVAL, "flat JSON object" if nested else
-                    f"field {field!r} has the wrong type")
+        if many and isinstance(value, list):  # a list is a group: refused for what is in it
+            check_error(reply, errno.EINVAL)  # (or for the other fields not being lists)
+        else:
+            check_error(reply, errno.EINVAL, f"field {field!r} has the wrong type")
     unchanged(server)
 
 
@@ -429,10 +432,17 @@ def _encode(req) -> bytes:
 
 
 def _refusal(req: dict, text: str) -> tuple:
-    """EINVAL with ``text``; or, with a list or object among the values, "not flat" (that
-    check comes first)."""
-    nested = any(isinstance(v, (list, dict)) for v in req.values())
-    return "err", errno.EINVAL, "flat JSON object" if nested else text
+    """EINVAL with ``text``; with a list or object nested in a value, "not flat" (that
+    check comes first); with a list or object as a value, EINVAL (the field's own check:
+    a group command's fields take lists)."""
+    def nested(v) -> bool:
+        inner = v.values() if isinstance(v, dict) else v if isinstance(v, list) else ()
+        return any(isinstance(x, (list, dict)) for x in inner)
+    if any(nested(v) for v in req.values()):
+        return "err", errno.EINVAL, "flat JSON object"
+    if any(isinstance(v, (list, dict)) for v in req.values()):
+        return "err", errno.EINVAL, None
+    return "err", errno.EINVAL, text
 
 
 def json_values(max_leaves: int = 4):
@@ -490,8 +500,10 @@ def wrong_type(draw):
     req = {"op": op, **_harmless_fields(op)}
     for field in draw(st.lists(st.sampled_from(sorted(FIELDS[op])), min_size=1, unique=True)):
         accepted = ACCEPTED[FIELDS[op][field]]
-        req[field] = draw(json_values().filter(
-            lambda v, a=accepted: isinstance(v, bool) or not isinstance(v, a)))
+        many = isinstance(control.OPS[op][1][field], control.Many)  # may take a list: a
+        req[field] = draw(json_values().filter(  # list of good values is not a wrong type
+            lambda v, a=accepted, m=many: isinstance(v, bool) or not isinstance(v, a)
+            and not (m and isinstance(v, list))))
     return _encode(req), _refusal(req, "wrong type")
 
 
@@ -817,7 +829,7 @@ def test_timed_out_connections_free_their_slots(local):
     wait_for(lambda: control_answers(local.path), timeout=5, what="a free slot")
 
 
-# -- the client (control.request) against a daemon whose listen backlog is full ---------------
+# -- the client (client.request) against a daemon whose listen backlog is full ---------------
 
 @pytest.fixture
 def full_backlog(tmp_path):
@@ -870,7 +882,7 @@ def test_client_waits_for_a_busy_daemon(full_backlog):
 
 
 def test_client_gives_up_on_a_daemon_that_stays_busy(full_backlog, monkeypatch):
-    monkeypatch.setattr(control, "CONN_TIMEOUT", 0.3)
+    monkeypatch.setattr(client, "CONN_TIMEOUT", 0.3)  # the client waits that long
     t0 = time.monotonic()
     with pytest.raises(SnapError) as e:
         request(full_backlog[1], "info")

@@ -29,7 +29,7 @@ import struct
 
 import pytest
 
-from snapengine.control import request
+from snapengine.client import request
 from tests.harness import daemon, sparse_file, wait_for
 from tests.harness.nbdclient import export_names as harness_export_names
 

@@ -100,7 +100,7 @@ class Daemon:
 
     def request(self, op: str, **fields):
         """One control request from this process (no elioctl process in between)."""
-        from snapengine.control import request
+        from snapengine.client import request
         return request(self.ctl, op, **fields)
 
 

@@ -29,7 +29,7 @@ def socket_answers(path: str) -> bool:
 def control_answers(path: str) -> bool:
     """The control socket ``path`` serves a request (it may be up yet refuse with
     EAGAIN while all its connection slots are taken)."""
-    from snapengine.control import request
+    from snapengine.client import request
     try:
         request(path, "get-free-minor")
         return True
