@@ -45,6 +45,9 @@ bench: setup
 	$(VPY) -m bench.o1_timing
 	$(VPY) -m bench.rss
 	$(VPY) -m bench.fstrim
+	$(VPY) -m bench.extents
+	$(VPY) -m bench.group_pause
+	$(VPY) -m bench.watch_stall
 
 # Long runs, not in CI: kill -9 rounds, the engine model with many more examples, and
 # the concurrency soak (tests/soak.py; tests/test_soak.py is its short CI version).

@@ -58,6 +58,7 @@ def _callback(func):
 FUA = nbdkit.FLAG_FUA
 MAY_TRIM = nbdkit.FLAG_MAY_TRIM
 FAST_ZERO = nbdkit.FLAG_FAST_ZERO
+REQ_ONE = nbdkit.FLAG_REQ_ONE
 
 
 def thread_model():
@@ -149,6 +150,10 @@ def can_flush(h):
     return True
 
 
+def can_extents(h):
+    return True
+
+
 def can_multi_conn(h):
     return True
 
@@ -195,3 +200,8 @@ def trim(h, count, offset, flags):
 @_callback
 def flush(h, flags):
     h.flush()
+
+
+@_callback
+def extents(h, count, offset, flags):
+    return h.extents(count, offset, flags & REQ_ONE)

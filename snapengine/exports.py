@@ -7,6 +7,7 @@ import json
 from typing import Callable
 
 from .errors import SnapError
+from .extents import Extent, origin_extents, snapshot_extents
 from .origin import Origin
 from .snapshot import SnapshotTracker
 
@@ -41,6 +42,9 @@ class OriginExport:
         self.trim = origin.trim
         self.flush = origin.flush
 
+    def extents(self, count: int, offset: int, req_one: bool) -> list[Extent]:
+        return origin_extents(self.origin.io, self.size, count, offset, req_one)
+
     def close(self) -> None:
         self._detach(self.origin)
 
@@ -73,10 +77,14 @@ class SnapshotExport(ReadOnlyExport):
                  on_close: Callable[[], None] = lambda: None) -> None:
         self.size = size
         self.pread = tracker.read
+        self._tracker = tracker
         self.close = on_close  # once, when the client leaves (the minor counts its readers)
         h = tracker.cow.header  # update-img reads its identity from here
         self.description = describe(DESCRIBES_SNAPSHOT, minor=minor, uuid=h.uuid.hex(),
                                     seq_id=h.seq_id)
+
+    def extents(self, count: int, offset: int, req_one: bool) -> list[Extent]:
+        return snapshot_extents(self._tracker, self.size, count, offset, req_one)
 
 
 class FailedSnapshotExport(ReadOnlyExport):
@@ -90,3 +98,7 @@ class FailedSnapshotExport(ReadOnlyExport):
 
     def pread(self, buf, offset: int) -> None:
         raise SnapError(errno.EIO, f"the snapshot has failed: {self.reason}")
+
+    def extents(self, count: int, offset: int, req_one: bool) -> list[Extent]:
+        self.pread(b"", offset)
+        return []

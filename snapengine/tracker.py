@@ -43,10 +43,18 @@ waits on the claim). Change marks may be lost by a crash, but never unnoticed: t
 region's intent bit was durable first, and recovery counts every block of a marked
 region as changed (a superset).
 
-Failure: any error while saving (I/O, ENOSPC, the ``-f`` limit, a corrupt index page)
-fails the snapshot. ``error`` is set, waiting writers are released, every later write
-goes straight to the origin, reads answer EIO. The write that met the error succeeds:
-the origin never loses a write.
+Block status (extents.py) leans on the same order: it looks at the origin's holes,
+then at the index; a block still not saved then had not changed on the origin, so a
+hole seen for it is the snapshot's content (zeros), whatever write races the query.
+
+Failure: any error while saving (I/O, the ``-f`` limit, a corrupt index page) fails the
+snapshot. ``error`` is set, waiting writers are released, every later write goes on to
+the origin, reads answer EIO. The write that met the error succeeds: the origin never
+loses a write. A store that is full (errors.StoreFull: the limit that cannot grow, or
+ENOSPC) keeps the change list: the saved data is released and the snapshot tracker
+records marks only, as in incremental mode (docs/design.md, "When the COW store fills
+up"). A write that goes on because of a failure waits until the failure is in the
+header (``failure_barrier``).
 
 Trims and write-zeroes (``before_change``; docs/design.md has the table and why it
 keeps both promises): during a snapshot a trim is dropped (NBD lets a server ignore

@@ -16,6 +16,12 @@ each block once. Every connection to the snapshot reads the snapshot the first o
 (source.py), else EAGAIN, image untouched. --full copies the whole snapshot (holes kept),
 --stamp marks an image made by another tool as holding the snapshot; every success
 (re)stamps the image.
+
+Where the snapshot reads as zeros (NBD block status, base:allocation, when the server
+offers it), nothing is read: the image is punched there (zeros written where it cannot
+be punched; a block device is zeroed), or, for --full into a new sparse file, left a
+hole. A block only partly in such an extent is read. Without block status every block
+is read, as before.
 """
 
 from __future__ import annotations
@@ -33,15 +39,19 @@ from . import changes
 from .cli import error_line
 from .arguments import EXPORT_PREFIX
 from .errors import SnapError
+from .fileio import FileIO
 from .rundir import DEFAULT_RUN_DIR, RUN_DIR_ENV, RunDir, default_run_dir
 from .source import Reader, Snapshot, open_snapshot
 from .stamp import STAMP_SIDECAR, STAMP_XATTR, SnapshotId, clear_stamp, read_stamp, write_stamp
 from .units import BLOCK_SIZE, MiB
+from .zeromap import Piece, ZeroMap, zero_map
 
 CHUNK = 4 * MiB  # largest single read: extents are coalesced up to this, and split at it
 HOLE_GRAIN = 64 * 1024  # --full leaves all-zero pieces of this size unwritten (holes)
 WORKERS = 4  # reads in flight (one NBD connection each)
 PROGRESS_EVERY = 0.2  # seconds between progress updates on a terminal
+ZERO_PIECE = 1 << 30  # largest piece of zeros zeroed (and counted) at once
+
 
 USAGE = """
   update-img [--run-dir DIR] [--minor N] <snapshot> <cow file> [<cow file>...] <image file>
@@ -69,6 +79,9 @@ files with seq_ids 1, 2 and 3). They must be one chain's, with consecutive seq_i
 closed clean and not failed; a gap, a repeat, the wrong order, another chain's file or a
 dirty one is refused (EINVAL, the file named, image untouched). The blocks changed in any
 of them are copied once.
+
+Where the snapshot's NBD block status says a range reads as zeros, it is not read: the
+image is punched (or zeroed) there, and --full leaves it a hole.
 
 Prints 'copying complete: N blocks changed, E errors' (N: blocks changed in any of the
 COW files; --full: 'N blocks copied') and exits 0 only if every block was copied and the
@@ -180,36 +193,45 @@ def check_stamp(image: str, changed: changes.ChangeList) -> None:
                         f"{changed.path} (seq_id {h.seq_id}) updates snapshot {h.seq_id}")
 
 
+def pieces(extents: Iterator[tuple[int, int]], zeros: ZeroMap) -> Iterator[Piece]:
+    """Changed byte extents as work: data in chunks of CHUNK, zeros of ZERO_PIECE."""
+    for offset, length in extents:
+        for start, n, zero in zeros.split(offset, length):
+            for o, m in chunks(iter([(start, n)]), ZERO_PIECE if zero else CHUNK):
+                yield o, m, zero
+
+
 # -- copying ---------------------------------------------------------------------------
 
-def chunks(extents: Iterator[tuple[int, int]]) -> Iterator[tuple[int, int]]:
-    """Changed byte extents, coalesced when adjacent and split at CHUNK."""
+def chunks(extents: Iterator[tuple[int, int]], size: int = CHUNK) -> Iterator[tuple[int, int]]:
+    """Changed byte extents, coalesced when adjacent and split at ``size``."""
     for offset, length in extents:
         while length:
-            n = min(length, CHUNK)
+            n = min(length, size)
             yield offset, n
             offset += n
             length -= n
 
 
 class Copier:
-    """Copies chunks with one thread per reader (one connection each, already checked to
-    be the snapshot's); counts blocks copied and failed."""
+    """Copies pieces with one thread per reader (one connection each, already checked to
+    be the snapshot's): a piece of data is read and written, a piece of zeros is zeroed
+    in the image, not read; counts blocks copied and failed."""
 
     def __init__(self, readers: list[Reader], image_fd: int, total: int,
-                 keep_holes: bool = False) -> None:
+                 keep_holes: bool = False, image_path: str = "the image") -> None:
         self.readers = readers
         self.image_fd = image_fd
+        self.image = FileIO(image_fd, image_path)  # zeroes ranges (the caller closes the fd)
         self.total = total
         self.keep_holes = keep_holes  # all-zero pieces are not written (the image is sparse)
         self.done = 0
         self.failed = 0
         self.first_error = ""
         self._lock = threading.Lock()
-        self._queue: queue.Queue[tuple[int, int] | None] = queue.Queue(
-            maxsize=len(readers) * 4)
+        self._queue: queue.Queue[Piece | None] = queue.Queue(maxsize=len(readers) * 4)
 
-    def run(self, work: Iterator[tuple[int, int]], progress: Callable[[int, int], None]) -> None:
+    def run(self, work: Iterator[Piece], progress: Callable[[int, int], None]) -> None:
         threads = [threading.Thread(target=self._worker, args=(read,), daemon=True)
                    for read in self.readers]
         for t in threads:
@@ -226,17 +248,24 @@ class Copier:
 
     def _worker(self, read: Reader) -> None:
         while (item := self._queue.get()) is not None:
-            offset, length = item
+            offset, length, zero = item
             blocks = (length + BLOCK_SIZE - 1) // BLOCK_SIZE
             try:
-                data = read(length, offset)
-                self._write(data, offset)
+                if zero:
+                    self._zero(offset, length)
+                else:
+                    self._write(read(length, offset), offset)
                 with self._lock:
                     self.done += blocks
             except Exception as e:
                 with self._lock:
                     self.failed += blocks
                 self._note_error(f"blocks at {offset} (+{length} bytes): {e}")
+
+    def _zero(self, offset: int, length: int) -> None:
+        """The snapshot reads as zeros here: so must the image. A new sparse image does."""
+        if not self.keep_holes:
+            self.image.zero(offset, length, may_trim=True)  # punch, or write zeros
 
     def _write(self, data: bytes, offset: int) -> None:
         if not self.keep_holes:
@@ -279,7 +308,7 @@ def image_size(fd: int) -> int:
     return os.lseek(fd, 0, os.SEEK_END)
 
 
-def copy_and_stamp(copier: Copier, work: Iterator[tuple[int, int]], image: str, fd: int,
+def copy_and_stamp(copier: Copier, work: Iterator[Piece], image: str, fd: int,
                    stamp: SnapshotId, what: str) -> int:
     """Copy, fsync, print the result; stamp the image only if all of it is safe."""
     copier.run(work, progress_printer(sys.stderr))
@@ -322,9 +351,12 @@ def update(args: argparse.Namespace) -> int:
         check_stamp(args.image, chain[0])
         fd = open_image(args.image)  # every check passed: only now opened for writing
         try:
-            copier = Copier(snap.readers(WORKERS), fd, changes.nr_extent_blocks(extents))
-            return copy_and_stamp(copier, chunks(changes.byte_extents(extents, origin_size)),
-                                  args.image, fd, snap.identity, "changed")
+            copier = Copier(snap.readers(WORKERS), fd, changes.nr_extent_blocks(extents),
+                            image_path=args.image)
+            with zero_map(snap) as zeros:
+                return copy_and_stamp(copier, pieces(changes.byte_extents(extents, origin_size),
+                                                     zeros),
+                                      args.image, fd, snap.identity, "changed")
         finally:
             os.close(fd)
 
@@ -363,9 +395,10 @@ def run_full(args: argparse.Namespace) -> int:
         try:
             # holes can be skipped only where the image reads as zeros already: a regular file
             copier = Copier(readers, fd, (snap.size + BLOCK_SIZE - 1) // BLOCK_SIZE,
-                            keep_holes=os.path.isfile(args.image))
-            return copy_and_stamp(copier, chunks(iter([(0, snap.size)])), args.image, fd,
-                                  snap.identity, "copied")
+                            keep_holes=os.path.isfile(args.image), image_path=args.image)
+            with zero_map(snap) as zeros:
+                return copy_and_stamp(copier, pieces(iter([(0, snap.size)]), zeros),
+                                      args.image, fd, snap.identity, "copied")
         finally:
             os.close(fd)
 

@@ -43,7 +43,10 @@ def restart(d: Daemon, minor: int) -> dict:
     assert d.info(minor)["state"] == before["state"] - 2  # dormant: no client yet
     client = nbd.NBD()
     client.connect_uri(d.uri("disk0"))
-    assert d.info(minor) == before
+    after = d.info(minor)
+    for info in (before, after):  # disk space: the clean stop wrote the cached index pages
+        info.pop("cow_size_current")
+    assert after == before
     client.shutdown()
     return before
 

@@ -3,10 +3,19 @@
 The model is a bytearray for the origin and, for the one minor tracking it, the origin
 frozen at the current snapshot point plus the set of blocks touched since then. A
 hypothesis ``RuleBasedStateMachine`` drives writes, zeroes, trims, flushes, client
-reopens (active <-> dormant), setup, both transitions, destroy, snapshot reads, clean
-restarts and crashes, and checks after every step that the origin, the snapshot image,
-``info`` and the index cache agree with the model. A transition to snapshot also checks
-the old COW file's changed-block list block for block.
+reopens (active <-> dormant), setup, both transitions, destroy, expand-cow-file,
+reconfigure-auto-expand, snapshot reads, clean restarts and crashes, and checks after
+every step that the origin, the snapshot image, ``info`` and the index cache agree with
+the model. A transition to snapshot also checks the old COW file's changed-block list
+block for block.
+
+The -f limits are small, so the COW store overflows often (INTERFACE.md §8, "Overflow
+keeps the chain"): unless auto-expand raises the limit (by whole steps; the model's file
+system has room, and its reserve is either small or more than the file system holds),
+the snapshot fails with EFBIG, its export reads EIO, its saved data is released, and the
+minor goes on counting the changed blocks as an incremental list would.
+Transition-to-incremental then clears the failure, and the chain's next closed list
+holds exactly the blocks changed since the snapshot point, overflow or not.
 
 A restart closes the engine (clients gone first) and starts a new one on the same run
 directory. A crash is kill -9 simulated in-process, as test_kill9 does it for real: the
@@ -48,10 +57,11 @@ from hypothesis.stateful import (
 from snapengine import changes
 from snapengine import engine as engine_module
 from snapengine import index as index_module
-from snapengine.cowfile import CowFile
+from snapengine import space as space_module
+from snapengine.cowfile import CowFile, data_offset_for
 from snapengine.engine import Engine
 from snapengine.index import PAGE_COST
-from snapengine.tracker import COPY_BLOCKS, ZERO_CHUNK
+from snapengine.snapshot import COPY_BLOCKS, ZERO_CHUNK
 from snapengine.units import BLOCK_SIZE, MiB, blocks_spanning, nr_blocks
 from tests.harness.powercut import crash_image, restore_image
 
@@ -61,6 +71,10 @@ MAX_IO = 64 * 1024  # bytes of one write
 # Unaligned sizes: the last block is partial; the second spans three index pages.
 ORIGIN_SIZES = (MiB + 1000, 2 * MiB + 3 * BLOCK_SIZE + 17)
 EFBIG = -errno.EFBIG  # info "error" of a snapshot that reached its -f limit
+# error_text of an overflowed snapshot brought back by a restart (or a crash)
+KEPT_AT_RESTART = f"{os.strerror(errno.EFBIG)}: the snapshot had already failed (error {EFBIG}, " \
+    "its change list kept)"
+MIN_FREE = 64 * MiB  # bytes free the model needs: an auto-expand (at most the origin) fits
 
 # Examples per model test: 500 in CI; `make soak` sets SNAPENGINE_MODEL_EXAMPLES higher.
 EXAMPLES = int(os.environ.get("SNAPENGINE_MODEL_EXAMPLES", "500"))
@@ -130,6 +144,27 @@ def indexes(n: int) -> st.SearchStrategy[int]:
     return st.integers(0, n - 1)
 
 
+def hole_blocks(path: str, size: int, first: int, end: int) -> set[int]:
+    """Blocks of [first, end) wholly in a hole of the file ``path`` (``size`` bytes), as
+    SEEK_DATA says."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        data: set[int] = set()
+        pos, stop = first * BLOCK_SIZE, min(end * BLOCK_SIZE, size)
+        while pos < stop:
+            try:
+                start = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError:  # ENXIO: no data from pos on
+                break
+            if start >= stop:
+                break
+            pos = min(os.lseek(fd, start, os.SEEK_HOLE), stop)
+            data |= set(range(start // BLOCK_SIZE, -(-pos // BLOCK_SIZE)))
+        return set(range(first, end)) - data
+    finally:
+        os.close(fd)
+
+
 @dataclass
 class SnapModel:
     """The model of the one minor tracking the origin."""
@@ -137,17 +172,21 @@ class SnapModel:
     minor: int
     cow_path: str
     max_cache: int  # bytes, as info reports it
-    fallocate: int  # bytes, the -f limit of the current COW file
+    fallocate: int  # bytes, the limit of the current COW file: -f, raised by expand-cow-file
+    # and auto-expand
     uuid: str
     frozen: bytes | None  # the origin at the snapshot point; None in incremental mode
-    touched: set[int]  # blocks changed since the current snapshot point
+    touched: set[int]  # blocks changed since the current snapshot point (overflow or not)
     saved: set[int]  # blocks whose old content the current snapshot keeps
     slots: int = 0  # of those, the ones kept as data (the others are holes or zeros)
     export: object | None = None  # an open elastio-snapN connection in snapshot mode
     seq_id: int = 1
-    failed: bool = False
-    untracked: bool = False  # failed at a restart: no tracker, info without header fields
+    failed: bool = False  # the snapshot overflowed (EFBIG); its change list goes on
+    failed_before_restart: bool = False  # info's error_text is the resumed file's
+    overflowed: bool = False  # the current change list went through an overflow
     over_count: bool = False  # a crash presumed blocks changed: the list is a superset
+    step_mb: int = 0  # auto-expand: the minor's policy (it outlives transitions)
+    reserved_mb: int = 0
 
     @property
     def snapshot(self) -> bool:
@@ -163,6 +202,8 @@ class EngineModel(RuleBasedStateMachine):
     mb = MiB  # bytes of one "MB" of -c / -f as the engine counts them
     cache_mb: tuple = (None, 1, 300)
     fallocate_mb: tuple = (None, 1, 3)
+    expand_mb: tuple = (1, 2)  # expand-cow-file by this many MB
+    step_mb: tuple = (0, 1, 2)  # reconfigure-auto-expand steps (0: off)
     page_loads: ClassVar[list[int]] = []  # per example: pages read again after eviction
 
     def __init__(self) -> None:
@@ -176,10 +217,17 @@ class EngineModel(RuleBasedStateMachine):
         self.active = False  # the minor's active flag (state 3/2 versus 1/0)
         self.nr_cows = 0
         self.loads = 0
+        st_fs = os.statvfs(self.dir)
+        # more "MB" than the file system holds: expand-cow-file by it is ENOSPC, a reserve
+        # of it refuses every auto-expand
+        self.beyond_fs_mb = st_fs.f_blocks * st_fs.f_frsize // self.mb + 1
 
     # -- set-up and helpers ---------------------------------------------------------------
-    @initialize(data=st.data(), sparse=st.booleans(), seed=st.integers(0, 2**32 - 1))
-    def start(self, data, sparse: bool, seed: int) -> None:
+    @initialize(data=st.data(), sparse=st.booleans(), seed=st.integers(0, 2**32 - 1),
+                snapshot=st.booleans())
+    def start(self, data, sparse: bool, seed: int, snapshot: bool) -> None:
+        """A new origin, one client; half the examples start with a snapshot set up
+        (more steps in snapshot mode: more overflows)."""
         self.size = size = data.draw(st.sampled_from(self.origin_sizes), label="size")
         self.model = bytearray(size) if sparse else bytearray(random.Random(seed).randbytes(size))
         with open(self.origin_path, "wb") as f:
@@ -188,6 +236,10 @@ class EngineModel(RuleBasedStateMachine):
                 f.write(self.model)
         self.open_engine()
         self.handles.append(self.engine.open_export(ORIGIN, readonly=False))
+        if snapshot:
+            self.setup(data.draw(st.integers(0, MAX_MINORS - 1), label="minor"), data)
+            if self.snap is not None and data.draw(st.booleans(), label="auto-expand at once"):
+                self.auto_expand(data)
 
     def open_engine(self) -> None:
         self.engine = Engine(self.dir, [(self.origin_path, ORIGIN)], max_minors=MAX_MINORS)
@@ -207,10 +259,7 @@ class EngineModel(RuleBasedStateMachine):
 
     def _count_loads(self) -> None:
         """Before a tracker goes: count the index pages it read more than once."""
-        tracker = self.engine.minors[self.snap.minor].tracker
-        if tracker is None:  # failed at a restart: it never had one
-            return
-        loads = tracker.index.loads
+        loads = self.engine.minors[self.snap.minor].tracker.index.loads
         self.loads += max(0, loads - (nr_blocks(self.size) + 255) // 256)
 
     def new_cow_path(self) -> str:
@@ -227,23 +276,7 @@ class EngineModel(RuleBasedStateMachine):
         return self.handles[data.draw(indexes(len(self.handles)), label="client")]
 
     def holes(self, first: int, end: int) -> set[int]:
-        """Blocks of [first, end) wholly in a hole of the origin file, as SEEK_DATA says."""
-        fd = os.open(self.origin_path, os.O_RDONLY)
-        try:
-            data: set[int] = set()
-            pos, stop = first * BLOCK_SIZE, min(end * BLOCK_SIZE, self.size)
-            while pos < stop:
-                try:
-                    start = os.lseek(fd, pos, os.SEEK_DATA)
-                except OSError:  # ENXIO: no data from pos on
-                    break
-                if start >= stop:
-                    break
-                pos = min(os.lseek(fd, start, os.SEEK_HOLE), stop)
-                data |= set(range(start // BLOCK_SIZE, -(-pos // BLOCK_SIZE)))
-            return set(range(first, end)) - data
-        finally:
-            os.close(fd)
+        return hole_blocks(self.origin_path, self.size, first, end)
 
     def zeros(self, blocks) -> set[int]:
         """Of ``blocks``, those whose content (in the model) is all zeros."""
@@ -254,20 +287,23 @@ class EngineModel(RuleBasedStateMachine):
         """Record a write (``content``), a zero or a trim (``kind``) in the model, before it
         is sent (the model's origin is still the old one)."""
         s = self.snap
-        tracked = s is not None and not s.failed
-        if kind == "trim" and tracked and s.snapshot:
+        saving = s is not None and s.snapshot and not s.failed
+        if kind == "trim" and saving:
             return  # dropped during a snapshot: the content stays, nothing changes
         first, end = blocks_spanning(offset, length)
-        if tracked and s.snapshot:
+        if saving:
             step = ZERO_CHUNK if kind == "zero" else end - first  # a write-zeroes: by chunks
             for lo in range(first, end, step):
                 hi = min(lo + step, end)
+                if s.failed:  # overflowed on an earlier chunk: the rest is only marked
+                    s.touched |= set(range(lo, hi))
+                    continue
                 touched = self.save(s, lo, hi, kind) if kind == "zero" or \
                     set(range(lo, hi)) - s.saved else set(range(lo, hi))
-                if touched is None:
-                    break
-                s.touched |= touched
-        elif tracked:  # incremental: a trim or write-zeroes marks the blocks that held data
+                s.touched |= set(range(lo, hi)) if touched is None else touched
+        elif s is not None:
+            # incremental, or a snapshot lost to an overflow (its list goes on as an
+            # incremental one): a trim or write-zeroes marks the blocks that held data
             s.touched |= set(range(first, end)) - (self.holes(first, end) if kind != "write"
                                                    else set())
         self.model[offset:offset + length] = content if content is not None else bytes(length)
@@ -275,8 +311,9 @@ class EngineModel(RuleBasedStateMachine):
     def save(self, s: SnapModel, first: int, end: int, kind: str) -> set[int] | None:
         """A first touch during a snapshot: the whole 64 KiB cluster (COPY_BLOCKS) of each
         block is saved; holes (and, for a write-zeroes, blocks of zeros) without a slot.
-        Return the blocks it changes; None if it needs more slots than -f allows: the
-        snapshot fails (EFBIG) and the change is not counted."""
+        Return the blocks it changes; None if it needs more slots than -f allows and
+        auto-expand cannot raise the limit: the snapshot fails (EFBIG) and, as every
+        change after it, the change marks all of [first, end)."""
         lo = first // COPY_BLOCKS * COPY_BLOCKS
         hi = min(-(-end // COPY_BLOCKS) * COPY_BLOCKS, nr_blocks(self.size))
         new = set(range(lo, hi)) - s.saved
@@ -284,15 +321,28 @@ class EngineModel(RuleBasedStateMachine):
         if kind == "zero":
             zeros |= self.zeros(new)
         slots = s.slots + len(new - zeros)
-        if slots * BLOCK_SIZE > s.fallocate:
-            s.failed = True
-            event("snapshot failed with EFBIG")
+        if slots * BLOCK_SIZE > s.fallocate and not self.auto_expand_to(s, slots * BLOCK_SIZE):
+            s.failed = s.overflowed = True
+            event("snapshot overflowed (EFBIG), its change list kept")
             return None
         s.saved |= new
         s.slots = slots
         event("first touch saved a hole or zeros" if zeros else "first touch saved data")
         touched = set(range(first, end))
         return touched - zeros if kind == "zero" else touched
+
+    def auto_expand_to(self, s: SnapModel, needed: int) -> bool:
+        """At the limit: raise it by whole steps to hold ``needed`` bytes of data, if
+        auto-expand is on and its reserve stays free (the model's reserves are either
+        far below the free space or beyond the file system's size)."""
+        step = s.step_mb * self.mb
+        if not step or s.reserved_mb >= self.beyond_fs_mb:
+            if step:
+                event("auto-expand refused: the reserve is not free")
+            return False
+        s.fallocate += -(-(needed - s.fallocate) // step) * step
+        event("auto-expand raised the limit")
+        return True
 
     def expect_error(self, err: int, func, *args, **kw) -> None:
         with pytest.raises(OSError) as e:
@@ -325,6 +375,22 @@ class EngineModel(RuleBasedStateMachine):
         self.draw_handle(data).pwrite(buf, offset, fua)
 
     @precondition(lambda self: self.handles)
+    @rule(data=st.data(), seed=st.integers(0, 2**32 - 1), count=st.integers(2, 24))
+    def write_run(self, data, seed: int, count: int) -> None:
+        """``count`` writes of MAX_IO end to end: many first touches at once, so the COW
+        store fills up (and overflows) within a few steps."""
+        offset = data.draw(offsets(self.size), label="offset")
+        h = self.draw_handle(data)
+        for i in range(count):
+            length = min(MAX_IO, self.size - offset)
+            if length <= 0:
+                break
+            buf = payload(seed + i, None, length)
+            self.change(offset, length, buf)
+            h.pwrite(buf, offset, False)
+            offset += length
+
+    @precondition(lambda self: self.handles)
     @rule(data=st.data(), may_trim=st.booleans(), fua=st.booleans())
     def zero(self, data, may_trim: bool, fua: bool) -> None:
         offset, length = self.draw_range(data, self.size)
@@ -348,7 +414,7 @@ class EngineModel(RuleBasedStateMachine):
     @rule()
     def open_client(self) -> None:
         self.handles.append(self.engine.open_export(ORIGIN, readonly=False))
-        if self.snap is not None and not self.snap.untracked:  # a failed minor stays dormant
+        if self.snap is not None:  # an overflowed minor too: its list goes on
             self.active = True
 
     @precondition(lambda self: self.handles)
@@ -403,13 +469,14 @@ class EngineModel(RuleBasedStateMachine):
     @precondition(lambda self: self.snap is not None and self.snap.snapshot)
     @rule()
     def transition_to_incremental(self) -> None:
+        """Also after an overflow: the change list was kept, the failure is cleared."""
         s = self.snap
-        if s.failed:
-            self.expect_error(errno.EINVAL, self.engine.transition_to_incremental, s.minor)
-            return
         self._count_loads()
         self.engine.transition_to_incremental(s.minor)
+        if s.failed:
+            event("transition to incremental after an overflow")
         s.frozen = None
+        s.failed = s.failed_before_restart = False
         self.retire_snapshot_export()
         self.expect_error(errno.ENOENT, self.engine.open_export, snapshot_export(s.minor), True)
 
@@ -432,8 +499,38 @@ class EngineModel(RuleBasedStateMachine):
         s.seq_id += 1
         s.frozen = bytes(self.model)
         s.touched, s.saved, s.slots = set(), set(), 0
-        s.over_count = False
+        s.over_count = s.overflowed = False
         self.open_snapshot_export()
+
+    @precondition(lambda self: self.snap is not None)
+    @rule(data=st.data(), beyond_fs=st.booleans())
+    def expand(self, data, beyond_fs: bool) -> None:
+        """expand-cow-file: only a healthy snapshot has a limit to raise; ENOSPC (nothing
+        changed) for more than its file system has free."""
+        s = self.snap
+        size_mb = self.beyond_fs_mb if beyond_fs else \
+            data.draw(st.sampled_from(self.expand_mb), label="expand_mb")
+        if not s.snapshot or s.failed:
+            event(f"expand refused in {self.mode_name()}")
+            self.expect_error(errno.EINVAL, self.engine.expand_cow_file, s.minor, size_mb)
+        elif beyond_fs:
+            self.expect_error(errno.ENOSPC, self.engine.expand_cow_file, s.minor, size_mb)
+        else:
+            self.engine.expand_cow_file(s.minor, size_mb)
+            s.fallocate += size_mb * self.mb
+            event("expanded")
+
+    @precondition(lambda self: self.snap is not None)
+    @rule(data=st.data())
+    def auto_expand(self, data) -> None:
+        """reconfigure-auto-expand, in any mode, failed too; -r omitted means 0."""
+        s = self.snap
+        step_mb = data.draw(st.sampled_from(self.step_mb), label="step_mb")
+        reserved = data.draw(st.sampled_from(("none", "0", "1", "beyond the file system")),
+                             label="reserved")
+        reserved_mb = {"none": None, "0": 0, "1": 1}.get(reserved, self.beyond_fs_mb)
+        self.engine.reconfigure_auto_expand(s.minor, step_mb, reserved_mb)
+        s.step_mb, s.reserved_mb = step_mb, reserved_mb or 0
 
     def check_closed_cow(self, path: str, s: SnapModel) -> None:
         """The old COW file lists exactly the blocks touched between the two points (after
@@ -443,6 +540,8 @@ class EngineModel(RuleBasedStateMachine):
             listed = list(changes.changed_blocks(cow))
             missed = s.touched - set(listed)
             assert not missed, f"{path}: touched but not listed {sorted(missed)[:10]}"
+            if s.overflowed:
+                event("change list closed after an overflow")
             if s.over_count:
                 event("change list closed after a crash")
             else:
@@ -480,7 +579,7 @@ class EngineModel(RuleBasedStateMachine):
 
     def mode_name(self) -> str:
         s = self.snap
-        return "no minor" if s is None else "failed" if s.failed else \
+        return "no minor" if s is None else "overflowed snapshot" if s.failed else \
             "snapshot mode" if s.snapshot else "incremental mode"
 
     def stop_engine(self) -> None:
@@ -500,9 +599,9 @@ class EngineModel(RuleBasedStateMachine):
         s = self.snap
         if s is not None:
             s.export = None
-            if s.failed and not s.untracked:  # a failed COW file does not resume
-                s.untracked = True
-                event("restart of a failed snapshot")
+            if s.failed:  # it resumes with its change list, failed as before
+                s.failed_before_restart = True
+                event("restart of an overflowed snapshot")
             if s.snapshot:
                 self.open_snapshot_export()
         if reconnect:
@@ -525,11 +624,16 @@ class EngineModel(RuleBasedStateMachine):
                      (errno.EINVAL, e.setup_snapshot, (ORIGIN, self.origin_path, minor)),
                      (errno.EINVAL, e.reload_snapshot, (ORIGIN, self.origin_path, minor)),
                      (errno.EINVAL, e.reload_incremental, (ORIGIN, self.origin_path, minor)),
-                     (errno.EINVAL, e.setup_snapshot, (ORIGIN, self.new_cow_path(), MAX_MINORS))]
+                     (errno.EINVAL, e.setup_snapshot, (ORIGIN, self.new_cow_path(), MAX_MINORS)),
+                     (errno.ENOENT, e.expand_cow_file, (minor, 1)),
+                     (errno.ENOENT, e.reconfigure_auto_expand, (minor, 1))]
         else:
             cases = [(errno.EBUSY, e.setup_snapshot, (ORIGIN, self.new_cow_path(), minor)),
                      (errno.EBUSY, e.setup_snapshot, (ORIGIN, self.new_cow_path(), other)),
                      (errno.ENOENT, e.destroy, (other,)),
+                     (errno.ENOENT, e.expand_cow_file, (other, 1)),
+                     (errno.ENOENT, e.reconfigure_auto_expand, (other, 1, 0)),
+                     (errno.EINVAL, e.expand_cow_file, (minor, 0)),
                      (errno.EBUSY, e.reload_snapshot, (ORIGIN, s.cow_path, other)),
                      (errno.EBUSY, e.reload_incremental, (ORIGIN, s.cow_path, minor))]
             if s.snapshot:
@@ -603,32 +707,47 @@ class EngineModel(RuleBasedStateMachine):
         if s is None:
             assert devices == []
             return
+        assert len(devices) == 1, devices
+        device = dict(devices[0])
         state = (1 if s.snapshot else 0) + (2 if self.active else 0)
         expected = {"minor": s.minor, "cow_file": s.cow_path, "block_device": self.origin_path,
                     "max_cache": s.max_cache, "fallocate": s.fallocate, "seq_id": s.seq_id,
                     "uuid": s.uuid, "version": 2, "nr_changed_blocks": len(s.touched),
-                    "state": state}
-        if s.untracked:  # no COW file open: nothing from its header
-            for key in ("fallocate", "seq_id", "uuid", "version", "nr_changed_blocks"):
-                del expected[key]
-        if s.failed:
-            expected["error"] = EFBIG
-            text = devices[0].get("error_text", "") if devices else ""
-            assert "reached its limit" in text or "had already failed" in text, devices
-            expected["error_text"] = text
-        if s.over_count and not s.untracked and len(devices) == 1:
-            counted = devices[0].get("nr_changed_blocks", -1)
+                    "cow_size_current": self.cow_size_current(s, device),
+                    "auto_expand": {"step_size_mib": s.step_mb,
+                                    "reserved_space_mib": s.reserved_mb}}
+        if s.failed:  # after an overflow: counted as if incremental, exactly (no crash)
+            text = device.get("error_text", "")
+            if s.failed_before_restart:
+                assert text == KEPT_AT_RESTART, device
+            else:
+                assert "reached its limit" in text, device
+            expected.update(error=EFBIG, error_text=text, tracking=True)
+        expected["state"] = state
+        if s.over_count:
+            counted = device.get("nr_changed_blocks", -1)
             assert len(s.touched) <= counted <= nr_blocks(self.size), \
                 f"{counted} changed blocks counted, {len(s.touched)} touched"
             expected["nr_changed_blocks"] = counted
-        assert devices == [expected]
+        assert device == expected
+        assert list(device) == list(expected), "info keys out of their order"
+
+    def cow_size_current(self, s: SnapModel, device: dict) -> int:
+        """Info's cow_size_current: disk space, not modelled; once the saved data is
+        released (an overflow, incremental mode) it is at most the file's metadata."""
+        size = device.get("cow_size_current")
+        assert isinstance(size, int) and size >= 0, device
+        if s.failed or not s.snapshot:
+            assert size < data_offset_for(self.size) + MiB, \
+                f"{size} bytes allocated to {s.cow_path}: its saved data was not released"
+        return size
 
     @invariant()
     def data_slots_only_for_data(self) -> None:
         """The COW file holds data for exactly the saved blocks whose old content was
         data: holes, and zeros met by a write-zeroes, take no slot."""
         s = self.snap
-        if s is None or s.untracked or s.failed or not s.snapshot:
+        if s is None or s.failed or not s.snapshot:
             return
         tracker = self.engine.minors[s.minor].tracker
         assert tracker.nr_slots == s.slots, \
@@ -637,7 +756,7 @@ class EngineModel(RuleBasedStateMachine):
     @invariant()
     def cache_within_bound(self) -> None:
         """Between requests nothing is pinned: the cache is within its bound."""
-        if self.snap is None or self.snap.untracked:
+        if self.snap is None:
             return
         tracker = self.engine.minors[self.snap.minor].tracker
         bound = max(self.snap.max_cache, index_module.MIN_CACHE_PAGES * PAGE_COST)
@@ -645,6 +764,9 @@ class EngineModel(RuleBasedStateMachine):
 
 
 def run_model(machine: type[EngineModel], tmp_path, **attrs) -> list[int]:
+    st_fs = os.statvfs(tmp_path)
+    assert st_fs.f_bavail * st_fs.f_frsize >= MIN_FREE, \
+        f"{tmp_path}: less than {MIN_FREE >> 20} MiB free; the model's auto-expand needs it"
     loads: list[int] = []
     model = type(machine.__name__, (machine,),
                  {"base_dir": str(tmp_path), "page_loads": loads, **attrs})
@@ -664,12 +786,15 @@ def test_engine_model_tiny_cache(tmp_path, monkeypatch):
 
     To get there the floor of the cache (MIN_CACHE_PAGES, "room for every page in
     flight") is lowered to 2 pages, so every request is kept within 1 MiB (2 pages at
-    most), and "MB" is made one page, which also makes -f tiny (-f 40 is 45 slots):
-    the EFBIG path is common."""
+    most), and "MB" is made one page, which also makes -f tiny (-f 40 is 55 slots):
+    the EFBIG path is common. Auto-expand steps are in the same "MB" (a step of 5 is
+    6.9 slots): a first touch often takes several steps at once."""
     monkeypatch.setattr(index_module, "MIN_CACHE_PAGES", 2)
     monkeypatch.setattr(engine_module, "MB", PAGE_COST)
+    monkeypatch.setattr(space_module, "MB", PAGE_COST)
     loads = run_model(EngineModel, tmp_path, mb=PAGE_COST, cache_mb=(2, 3),
-                      fallocate_mb=(None, 40, 100), max_request=MiB,
+                      fallocate_mb=(None, 40, 100), expand_mb=(1, 20), step_mb=(0, 1, 5, 40),
+                      max_request=MiB,
                       origin_sizes=(ORIGIN_SIZES[1], 4 * MiB + 1000))
     assert sum(loads) > 0, "no index page was ever evicted and read again"
 

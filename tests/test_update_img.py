@@ -11,7 +11,7 @@ import shutil
 import nbd
 import pytest
 
-from snapengine import source, updateimg
+from snapengine import source, updateimg, zeromap
 from snapengine.cowfile import FLAG_CLEAN, CowFile
 from snapengine.errors import SnapError
 from snapengine.stamp import SnapshotId
@@ -234,3 +234,210 @@ def test_description_refusals(doc, code):
     with pytest.raises(SnapError) as e:
         source.described_identity(json.dumps(doc), "uri")
     assert e.value.errno == code and "uri" in str(e.value)
+
+
+# -- where the snapshot reads as zeros (block status) --------------------------------------
+
+KiB = 1 << 10
+TRIMMED = (MiB, 256 * KiB)  # data in snapshot 1, trimmed after it: a hole in snapshot 2
+ZEROED = (2 * MiB, 128 * KiB)  # data in snapshot 1, rewritten, then write-zeroes (punch)
+ZEROED_KEEP = (5 * MiB, 64 * KiB)  # data in snapshot 1, write-zeroes without punching
+#   (ZERO_RANGE: a hole or data to SEEK_DATA, as the file system has it: not checked)
+INTO_HOLE = (10 * MiB, 64 * KiB)  # a hole in snapshot 1, data in snapshot 2
+OVER_DATA = (4 * MiB + 4 * KiB, 8 * KiB)  # data in both, changed
+PUNCHED = (TRIMMED, ZEROED)  # holes in the origin: the snapshot's block status says zero
+
+
+@pytest.fixture(scope="module")
+def holes(tmp_path_factory):
+    """Minor 0 on a thin origin (8 MiB of data, then holes): a full image of snapshot 1
+    (``image1``, from ``update-img --full``), then in incremental mode a trim, a rewrite
+    then write-zeroes, a write-zeroes that keeps the space, a write into a hole and one
+    over data; snapshot 2 is live, cow1 holds the changes."""
+    base = tmp_path_factory.mktemp("update-img-holes")
+    disk = sparse_file(str(base / "disk.img"), SIZE)
+    with daemon(str(base / "run"), [(disk, "disk")]) as d:
+        h = nbd.NBD()
+        h.connect_uri(d.uri("disk"))
+        try:
+            h.pwrite(os.urandom(8 * MiB), 0)
+            h.flush()
+            d.elioctl("setup-snapshot", "disk", str(base / "cow1"), "0")
+            r = update_img(d, "--full", "0", base / "image1")
+            assert r.returncode == 0, r.stderr
+            d.elioctl("transition-to-incremental", "0")
+            h.trim(TRIMMED[1], TRIMMED[0])
+            h.pwrite(os.urandom(ZEROED[1]), ZEROED[0])
+            h.zero(ZEROED[1], ZEROED[0])  # without NO_HOLE: the server may punch
+            h.zero(ZEROED_KEEP[1], ZEROED_KEEP[0], nbd.CMD_FLAG_NO_HOLE)
+            h.pwrite(os.urandom(INTO_HOLE[1]), INTO_HOLE[0])
+            h.pwrite(os.urandom(OVER_DATA[1]), OVER_DATA[0])
+            h.flush()
+            d.elioctl("transition-to-snapshot", str(base / "cow2"), "0")
+        finally:
+            h.shutdown()
+        d.base = base
+        yield d
+
+
+@pytest.fixture
+def image1(holes, tmp_path):
+    """A fresh copy of the full image of snapshot 1 (its stamp xattr too)."""
+    return shutil.copy2(holes.base / "image1", tmp_path / "image")
+
+
+def data_ranges(path) -> list[tuple[int, int]]:
+    """(offset, end) of the file's data, by SEEK_DATA / SEEK_HOLE."""
+    fd = os.open(path, os.O_RDONLY)
+    out, pos = [], 0
+    try:
+        size = os.fstat(fd).st_size
+        while pos < size:
+            try:
+                start = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno == errno.ENXIO:
+                    break
+                raise
+            pos = os.lseek(fd, start, os.SEEK_HOLE)
+            out.append((start, pos))
+    finally:
+        os.close(fd)
+    return out
+
+
+def overlaps(ranges, offset: int, length: int) -> bool:
+    return any(start < offset + length and offset < end for start, end in ranges)
+
+
+def test_changed_blocks_that_read_as_zeros_are_zeroed_in_the_image(holes, image1):
+    """The trimmed and zeroed blocks held data in the old image: afterwards the image
+    reads as the snapshot (byte for byte) and is a hole where the snapshot's block status
+    said hole (punched, not written); the blocks of data are data."""
+    old = image1.read_bytes()
+    for offset, length in PUNCHED + (ZEROED_KEEP,):
+        assert old[offset:offset + length].count(0) != length  # the zeroing shows
+    r = update_img(holes, "0", holes.base / "cow1", image1)
+    assert r.returncode == 0, r.stderr
+    changed = CowFile.open(str(holes.base / "cow1"), writable=False).header.nr_changed_blocks
+    assert r.stdout == f"copying complete: {changed} blocks changed, 0 errors\n"
+    assert image1.read_bytes() == export_bytes(holes, "elastio-snap0")
+    allocated = data_ranges(image1)
+    for offset, length in PUNCHED:
+        assert not overlaps(allocated, offset, length), (offset, allocated)
+    for offset, length in (INTO_HOLE, OVER_DATA):
+        assert overlaps(allocated, offset, length), (offset, allocated)
+
+
+def snapshot_zeros(d) -> list[tuple[int, int]]:
+    """(offset, length) of the extents elastio-snap0's block status says read as zeros."""
+    h = nbd.NBD()
+    h.add_meta_context("base:allocation")
+    h.connect_uri(d.uri("elastio-snap0"))
+    out = []
+
+    def extent(metacontext, offset, entries, err):
+        for length, flags in zip(entries[0::2], entries[1::2]):
+            if flags & nbd.STATE_ZERO:
+                out.append((offset, length))
+            offset += length
+        return 0
+    try:
+        h.block_status(SIZE, 0, extent)
+    finally:
+        h.shutdown()
+    return out
+
+
+def test_the_zero_extents_are_not_read(holes, image1, monkeypatch, capsys):
+    """In process, every read of every connection recorded: none touches a range the
+    snapshot's block status says reads as zeros; the changed data is read."""
+    zeros = snapshot_zeros(holes)
+    as_ranges = [(offset, offset + length) for offset, length in zeros]
+    for offset, length in PUNCHED:
+        assert any(s <= offset and offset + length <= e for s, e in as_ranges), zeros
+    reads: list[tuple[int, int]] = []
+    real = source.nbd_connection
+
+    def recording(uri, run_dir, minor):
+        conn = real(uri, run_dir, minor)
+        read = conn.read
+        conn.read = lambda length, offset: reads.append((offset, offset + length)) or \
+            read(length, offset)
+        return conn
+    monkeypatch.setattr(source, "nbd_connection", recording)
+    args = ["--run-dir", holes.run_dir, "0", holes.base / "cow1", image1]
+    assert updateimg.main(list(map(str, args))) == 0, capsys.readouterr().err
+    assert image1.read_bytes() == export_bytes(holes, "elastio-snap0")
+    for offset, length in zeros:
+        assert not overlaps(reads, offset, length), (offset, reads)
+    for offset, length in (INTO_HOLE, OVER_DATA):
+        assert overlaps(reads, offset, length), (offset, reads)
+    # --full: the holes of the snapshot are neither read nor written
+    reads.clear()
+    full = image1.parent / "full"
+    assert updateimg.main(["--run-dir", holes.run_dir, "--full", "0", str(full)]) == 0
+    assert full.read_bytes() == export_bytes(holes, "elastio-snap0")
+    assert sum(end - start for start, end in reads) < 9 * MiB  # 8 MiB of data, + INTO_HOLE
+    for offset, length in zeros:
+        assert not overlaps(reads, offset, length), (offset, reads)
+    assert not overlaps(data_ranges(full), 12 * MiB, 4 * MiB)
+
+
+class FakeStatus:
+    """Block status answers from a list of (offset, length, zero), at most ``most`` per
+    request; ``fail``: every request fails (EIO)."""
+
+    def __init__(self, extents, most: int = 1000, fail: bool = False) -> None:
+        self.extents, self.most, self.fail, self.asked = extents, most, fail, []
+
+    def zeros(self, length: int, offset: int):
+        """As a server answers: from ``offset`` (the first extent cut there)."""
+        self.asked.append((offset, length))
+        if self.fail:
+            raise SnapError(errno.EIO, "the snapshot has failed")
+        out = [e for e in self.extents if e[0] + e[1] > offset][:self.most]
+        if out and out[0][0] < offset:
+            start, n, zero = out[0]
+            out[0] = (offset, start + n - offset, zero)
+        return out
+
+
+B = 4096
+
+
+@pytest.mark.parametrize("extents, most, wanted", [
+    ([(0, 8 * B, False), (8 * B, 8 * B, True)], 1000,
+     [(0, 8 * B, False), (8 * B, 8 * B, True)]),
+    # a zero extent not on block boundaries: the blocks it covers in part are data
+    ([(0, 3 * B + 100, False), (3 * B + 100, 9 * B - 100, True), (12 * B, 4 * B, False)], 1,
+     [(0, 4 * B, False), (4 * B, 8 * B, True), (12 * B, 4 * B, False)]),
+    # answers one extent at a time: asked again from where each stopped
+    ([(i * B, B, bool(i % 2)) for i in range(16)], 1,
+     [(i * B, B, bool(i % 2)) for i in range(16)]),
+], ids=["aligned", "unaligned", "short-answers"])
+def test_zero_map_splits_at_block_boundaries(extents, most, wanted):
+    zeros = zeromap.ZeroMap(FakeStatus(extents, most), 16 * B)
+    assert list(zeros.split(0, 16 * B)) == wanted
+
+
+def test_zero_map_asks_ahead_once_and_falls_back_to_data():
+    status = FakeStatus([(0, 64 * B, False), (64 * B, 64 * B, True)])
+    zeros = zeromap.ZeroMap(status, 128 * B)
+    pieces = [p for offset in (0, 10 * B, 70 * B, 100 * B) for p in zeros.split(offset, B)]
+    assert pieces == [(0, B, False), (10 * B, B, False), (70 * B, B, True), (100 * B, B, True)]
+    assert status.asked == [(0, 128 * B)]  # one request answered all four
+    failing = FakeStatus([], fail=True)
+    zeros = zeromap.ZeroMap(failing, 128 * B)
+    assert list(zeros.split(0, 128 * B)) == [(0, 128 * B, False)]
+    assert list(zeros.split(0, B)) == [(0, B, False)] and len(failing.asked) == 1
+    assert list(zeromap.ZeroMap(None, 8 * B).split(0, 8 * B)) == [(0, 8 * B, False)]
+    # the end of the snapshot, unaligned: a zero extent up to it is zeros to the end
+    zeros = zeromap.ZeroMap(FakeStatus([(0, 2 * B + 10, True)]), 2 * B + 10)
+    assert list(zeros.split(0, 2 * B + 10)) == [(0, 2 * B + 10, True)]
+    # pieces() cuts data at CHUNK, zeros at ZERO_PIECE, and counts each block once
+    big = updateimg.CHUNK * 3
+    zeros = zeromap.ZeroMap(FakeStatus([(0, big, False), (big, big, True)]), 2 * big)
+    work = list(updateimg.pieces(iter([(0, 2 * big)]), zeros))
+    assert work == [(0, updateimg.CHUNK, False), (updateimg.CHUNK, updateimg.CHUNK, False),
+                    (2 * updateimg.CHUNK, updateimg.CHUNK, False), (big, big, True)]
