@@ -44,6 +44,9 @@ room for the snapshot, and watching it:
   elioctl expand-cow-file 512 4                   # +512 MB now, by hand
   elioctl watch 4                                 # one line per event, until Ctrl-C
 
+one snapshot point for two disks, their file system frozen around it:
+  elioctl setup-snapshot --freeze /srv/pg disk0 /var/backup/a1 4 disk1 /var/backup/b1 5
+
 states: 0 dormant incremental, 1 dormant snapshot, 2 active incremental,
         3 active snapshot, 4 unverified incremental, 5 unverified snapshot
 """
