@@ -236,12 +236,9 @@ class Engine:
                               block_device_path=block_device_path)
         cache = self._cache_bytes(cache_mb)
         with self._lock:
-            seen: set = set()
             names = [f"{p['block_device']} {p['cow_file']} {p['minor']}" for p in parts]
-            installs = []
-            for p, name in zip(parts, names):
-                with group.part(name, len(parts)):
-                    installs.append(self._new_snapshot(p, cache, fallocate_mb, seen))
+            installs = group.build(parts, names, lambda p, seen: self._new_snapshot(
+                p, cache, fallocate_mb, seen))
             self._install(installs, names, freeze, [])
             for t in installs:
                 m = t.m
@@ -319,12 +316,9 @@ class Engine:
         each old COW file is closed with the changes since its own point."""
         parts = group.columns(cow_file=cow_file, minor=minor)
         with self._lock:
-            seen: set = set()
             names = [f"{p['cow_file']} {p['minor']}" for p in parts]
-            installs = []
-            for p, name in zip(parts, names):
-                with group.part(name, len(parts)):
-                    installs.append(self._next_snapshot(p, fallocate_mb, seen))
+            installs = group.build(parts, names, lambda p, seen: self._next_snapshot(
+                p, fallocate_mb, seen))
             olds = [t.old for t in installs]
             self._install(installs, names, freeze, [old.cow_path for old in olds])
             for t, old in zip(installs, olds):

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import errno
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 from .errors import SnapError
+
+T = TypeVar("T")
 
 
 def columns(**fields: Any) -> list[dict[str, Any]]:
@@ -41,6 +43,18 @@ def part(name: str, count: int) -> Iterator[None]:
         if count == 1:
             raise
         raise SnapError(e.errno, f"{name}: {e.detail}") from None
+
+
+def build(parts: list[dict[str, Any]], names: list[str],
+          make: Callable[[dict[str, Any], set], T]) -> list[T]:
+    """``make(part, seen)`` for every part, in order, its errors naming the part;
+    ``seen`` is shared, for ``once``."""
+    seen: set = set()
+    out = []
+    for p, name in zip(parts, names):
+        with part(name, len(parts)):
+            out.append(make(p, seen))
+    return out
 
 
 def once(kind: str, value: Any, seen: set) -> None:

@@ -92,6 +92,15 @@ MARK_BATCH = 64  # queued change marks applied together, under one lock
 MARK_CAP = 4096  # queued marks beyond which a writer waits to apply them
 
 
+def failure_flags(flags: int, health: Health) -> int:
+    """Header ``flags`` with FAILED, and KEPT (the change list survived), as ``health``
+    says: the one place that turns a minor's failure into its header's flags."""
+    flags &= ~(FLAG_FAILED | FLAG_KEPT)
+    if health.error:
+        flags |= FLAG_FAILED | FLAG_KEPT if health.kept else FLAG_FAILED
+    return flags
+
+
 class CowTracker:
     """Base of both modes: change marks, write intents, failure, the header.
 
@@ -245,8 +254,7 @@ class CowTracker:
     def _record_failure(self) -> None:
         """The failure into the header. If that fails, the file cannot say that its
         list is kept: the list is lost too."""
-        h, kept = self.cow.header, self.health.kept
-        flags = h.flags | FLAG_FAILED | FLAG_KEPT if kept else (h.flags | FLAG_FAILED) & ~FLAG_KEPT
+        flags = failure_flags(self.cow.header.flags, self.health)
         try:  # nr_slots: every slot an entry may name (the index is checked against it)
             self.cow.write_header(flags=flags, error=self.health.error, nr_slots=self.nr_slots)
         except OSError as e2:
@@ -286,11 +294,8 @@ class CowTracker:
         nr_changed = self.nr_changed  # applies the queued marks (which may fail it)
         h = self.cow.header
         health = self.health if health is None else health
-        flags = (h.flags if flags is None else flags) & ~(FLAG_CLEAN | FLAG_FAILED | FLAG_KEPT)
-        if clean:
-            flags |= FLAG_CLEAN
-        if health.error:
-            flags |= FLAG_FAILED | FLAG_KEPT if health.kept else FLAG_FAILED
+        flags = failure_flags(h.flags if flags is None else flags, health)
+        flags = flags | FLAG_CLEAN if clean else flags & ~FLAG_CLEAN
         if clean:
             self.index.flush()
             self.cow.sync()
