@@ -4,8 +4,8 @@
 
 Normally started by ``snapengine serve``. Parameters: run_dir (required), origins (JSON
 list of [path, export name]), max_minors, cache_default (MB), fallocate_percent, tcp
-(HOST:PORT), log (file), verbose (1), durable (1), supervisor (a pid: exit when it is
-gone).
+(HOST:PORT), metrics (HOST:PORT), log (file), verbose (1), durable (1), supervisor (a
+pid: exit when it is gone).
 
 Every callback goes through ``_failed`` on an exception: an OSError becomes its errno
 for the client (``nbdkit.set_error``), anything else is logged with its traceback and

@@ -60,6 +60,7 @@ from pathlib import Path
 from typing import Any, Callable, ContextManager, Iterator
 
 from bench import BLOCK, MiB
+from tests.harness.sockets import free_tcp_port
 from tests.harness import (
     BIN,
     CommandFailed,
@@ -214,6 +215,7 @@ class Settings:
     dir: str
     only: list[str]  # substrings: a row runs if its label contains any (none: all rows)
     json_path: str
+    metrics: bool = False  # snapengine serves --metrics (its recorders on the data path)
 
 
 # -- processes ------------------------------------------------------------------------
@@ -350,8 +352,10 @@ class Bench:
         return Endpoint(sock, "")
 
     def _snapengine(self) -> Endpoint:
+        extra = ["--metrics", f"127.0.0.1:{free_tcp_port()}"] if self.s.metrics else []
         self.daemon = self.stack.enter_context(daemon(
-            os.path.join(self.run, "snapengine"), [(self.image, ORIGIN_NAME)], verbose=False))
+            os.path.join(self.run, "snapengine"), [(self.image, ORIGIN_NAME)], extra,
+            verbose=False))
         return Endpoint(self.daemon.nbd_socket, ORIGIN_NAME, f"elastio-snap{MINOR}")
 
     def elioctl(self, *args: str) -> str:
@@ -603,7 +607,8 @@ def report(bench: Bench, elapsed: float) -> dict[str, Any]:
     targets = target_results(bench.samples)
     lines = [f"snapengine benchmark: image {s.size // MiB} MiB in {s.dir}, {s.runtime} s per "
              f"time-based run, median of {s.repeat} repeat(s), 4k first touch over the first "
-             f"{s.touch // MiB} MiB; run took {elapsed:.0f} s", ""]
+             f"{s.touch // MiB} MiB; snapengine metrics {'on' if s.metrics else 'off'}; run "
+             f"took {elapsed:.0f} s", ""]
     if s.only:
         lines += [f"only rows matching: {', '.join(map(repr, s.only))}", ""]
     if bench.qemu_reason:
@@ -638,11 +643,14 @@ def parse_args(argv: list[str] | None) -> Settings:
                    help="run only rows whose 'workload system mode' contains SUBSTRING "
                    "(case-insensitive; repeatable: any of them); ratios need the peer rows too")
     p.add_argument("--json", default="", metavar="FILE", help="also write the results as JSON")
+    p.add_argument("--metrics", action="store_true", help="run snapengine with --metrics "
+                   "127.0.0.1:<a free port>: the rows then include the recorders' cost")
     a = p.parse_args(argv)
     size = (a.size_mib or (512 if a.quick else 2048)) * MiB
     touch = min(size, a.touch_mib * MiB if a.touch_mib else size // 4)
     s = Settings(size=size, touch=touch, runtime=a.runtime or (2 if a.quick else 5),
-                 repeat=a.repeat or (1 if a.quick else 3), dir=a.dir, only=a.only, json_path=a.json)
+                 repeat=a.repeat or (1 if a.quick else 3), dir=a.dir, only=a.only, json_path=a.json,
+                 metrics=a.metrics)
     if s.size <= 0 or s.touch < BLOCK or s.runtime <= 0 or s.repeat <= 0:
         p.error("sizes, --runtime and --repeat must be positive")
     return s

@@ -20,6 +20,7 @@ from .client import request
 from .errors import SnapError
 from .events import EVENTS
 from .rundir import DEFAULT_RUN_DIR, NBD_SOCKET, RUN_DIR_ENV, RunDir, default_run_dir
+from .status import format_status
 from .units import BLOCK_SIZE
 
 DESCRIPTION = f"""\
@@ -69,7 +70,7 @@ class Parser(argparse.ArgumentParser):
 def build_parser() -> Parser:
     parser = Parser(prog="elioctl", description=DESCRIPTION, epilog=EPILOG,
                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run-dir", default=default_run_dir(),
+    parser.add_argument("--run-dir", default=default_run_dir(), metavar="DIR",
                         help=f"the daemon's run directory (env {RUN_DIR_ENV}, "
                         "default %(default)s)")
     parser.add_argument("--version", action="version", version=f"snapengine {__version__}")
@@ -106,10 +107,10 @@ ARGUMENTS: dict[str, tuple[tuple[str, ...], dict]] = {
                                    "snapshot point (repeatable)")),
     "block_device": (("block_device",), dict(metavar="<block device>",
                                              help="an origin's path or name")),
-    "cow_file": (("cow_file",), dict(metavar="<cow file>")),
+    "cow_file": (("cow_file",), dict(metavar="<cow file>", help="the minor's COW file")),
     "new_cow_file": (("cow_file",), dict(metavar="<cow file>",
                                          help="new file, outside every origin")),
-    "minor": (("minor",), dict(metavar="<minor>")),
+    "minor": (("minor",), dict(metavar="<minor>", help="the minor number")),
     "reserved": (("-r",), dict(dest="reserved_mb", metavar="<reserved MB>",
                                help="MB that must stay free on the COW file's file system "
                                "(default 0)")),
@@ -206,9 +207,12 @@ def _other_commands(sub) -> None:
                  "list the blocks changed between a closed COW file's snapshot and the next, "
                  "as merged extents 'OFFSET LENGTH' in bytes (no daemon needed)")
     p.add_argument("--json", action="store_true", help="print JSON instead")
-    p.add_argument("cow_file", metavar="<cow file>")
+    p.add_argument("cow_file", metavar="<cow file>", help="a closed COW file")
     p = _command(sub, "info", info, "print the state of every minor (or one) as JSON")
-    p.add_argument("minor", metavar="<minor>", nargs="?")
+    p.add_argument("minor", metavar="<minor>", nargs="?", help="only this minor")
+    p = _command(sub, "status", status, "print every minor (or one) as a table, one line "
+                 "each: minor, state, origin, COW file, used / limit, changed blocks, error")
+    p.add_argument("minor", metavar="<minor>", nargs="?", help="only this minor")
     _command(sub, "get-free-minor", get_free_minor, "print the lowest minor not in use")
     p = _command(sub, "watch", watch, "print the daemon's events (of every minor, or of "
                  "<minor>) as they happen, one line each", details=WATCH_DETAILS)
@@ -304,6 +308,12 @@ def watch(args: argparse.Namespace) -> None:
 
 def info(args: argparse.Namespace) -> None:
     print(json.dumps(request(_socket(args), "info", **_opts(args, "minor")), indent=4))
+
+
+def status(args: argparse.Namespace) -> None:
+    """The same ``info`` request; with <minor> its reply is that one device."""
+    reply = request(_socket(args), "info", **_opts(args, "minor"))
+    print(format_status([reply] if args.minor is not None else reply["devices"]))
 
 
 def changed_blocks(args: argparse.Namespace) -> None:

@@ -2,8 +2,8 @@
 
 nbdkit drives it through nbd_plugin.py, in this order: ``configure`` for each
 key=value, ``check`` (config_complete), ``start`` (get_ready: origins opened, minors
-resumed, before any socket accepts), ``start_threads`` (after_fork: control socket,
-info refresher, TCP relay), ``stop`` (cleanup: clean shutdown).
+resumed, before any socket accepts), ``start_threads`` (after_fork: metrics listener,
+control socket, info refresher, TCP relay), ``stop`` (cleanup: clean shutdown).
 """
 
 from __future__ import annotations
@@ -15,14 +15,17 @@ import os
 import sys
 import threading
 from logging.handlers import WatchedFileHandler
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .control import ControlServer
 from .arguments import DEFAULT_CACHE_MB, DEFAULT_FALLOCATE_PERCENT, DEFAULT_MAX_MINORS
 from .engine import Engine
 from .errors import SnapError
-from .relay import TcpRelay, parse_hostport
+from .relay import DEFAULT_MAX_CONNECTIONS, TcpRelay, parse_hostport
 from .rundir import RunDir
+
+if TYPE_CHECKING:
+    from .metrics import MetricsServer
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +34,8 @@ LOG_FORMAT = "%(asctime)s %(levelname)s (%(threadName)s) [%(name)s] %(message)s"
 SUPERVISOR_POLL = 0.2  # seconds between checks that the supervisor is alive
 ORPHAN_GRACE = 10.0  # seconds an orphaned daemon gets to close its COW files, then exits
 KEYS = ("run_dir", "origins", "max_minors", "cache_default", "fallocate_percent", "tcp",
-        "log", "verbose", "durable", "supervisor", "state_dir")
+        "log", "verbose", "durable", "supervisor", "state_dir", "socket_group",
+        "max_connections", "metrics")
 
 
 def setup_logging(verbose: bool, log_file: str | None) -> None:
@@ -45,12 +49,24 @@ def setup_logging(verbose: bool, log_file: str | None) -> None:
                         force=True)
 
 
+def secure_socket(path: str, gid: int | None) -> None:
+    """nbd.sock (bound by nbdkit, under umask 077) gets mode 0600, or 0660 and group
+    ``gid`` (--socket-group): the origin exports are read-write, whoever can connect
+    can write the disks. Before the first connection is accepted (after_fork)."""
+    if gid is not None:
+        os.chown(path, -1, gid)
+    os.chmod(path, 0o600 if gid is None else 0o660)
+    log.debug("%s: mode %o%s", path, 0o600 if gid is None else 0o660,
+              "" if gid is None else f", group {gid}")
+
+
 class Daemon:
     def __init__(self) -> None:
         self.params: dict[str, str] = {}
         self.engine: Engine | None = None
         self.control: ControlServer | None = None
         self.relay: TcpRelay | None = None
+        self.metrics: MetricsServer | None = None
         self._stop = threading.Event()
 
     def configure(self, key: str, value: str) -> None:
@@ -89,7 +105,11 @@ class Daemon:
 
     def start_threads(self) -> None:
         assert self.engine is not None
+        if self.params.get("metrics"):  # first: a busy port fails before any socket answers
+            self.metrics = self._start_metrics(self.params["metrics"])
         layout = self.engine.layout
+        gid = self.params.get("socket_group")
+        secure_socket(layout.nbd_socket, int(gid) if gid is not None else None)
         self.control = ControlServer(self.engine, layout.ctl_socket)
         self.control.start()
         threading.Thread(target=self._refresh_info, name="info", daemon=True).start()
@@ -98,9 +118,24 @@ class Daemon:
                              name="supervisor-watch", daemon=True).start()
         if self.params.get("tcp"):
             host, port = parse_hostport(self.params["tcp"])
-            self.relay = TcpRelay(host, port, layout.nbd_socket)
+            self.relay = TcpRelay(host, port, layout.nbd_socket,
+                                  int(self.params.get("max_connections", DEFAULT_MAX_CONNECTIONS)))
             self.relay.start()
             log.warning("unauthenticated NBD listener on %s:%d", host, port)
+
+    def _start_metrics(self, hostport: str) -> MetricsServer:
+        """Serve /metrics (docs/metrics.md). A port that cannot be bound fails the start:
+        the reason in the log, every COW file closed cleanly."""
+        from .metrics import MetricsServer  # here: prometheus_client costs ~85 ms to import
+        assert self.engine is not None
+        try:
+            metrics = MetricsServer(self.engine, hostport)
+        except OSError as e:
+            log.error("cannot start: %s", e)
+            self.stop()
+            raise
+        metrics.start()
+        return metrics
 
     def _refresh_info(self) -> None:
         """Keep the info file's counters at most a second stale."""
@@ -137,6 +172,8 @@ class Daemon:
 
     def stop(self) -> None:
         self._stop.set()
+        if self.metrics is not None:
+            self.metrics.stop()
         if self.relay is not None:
             self.relay.stop()
         if self.control is not None:

@@ -24,7 +24,7 @@ import os
 import threading
 import uuid as uuidlib
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from . import __version__, group
 from .arguments import (DEFAULT_CACHE_MB, DEFAULT_FALLOCATE_PERCENT, DEFAULT_MAX_MINORS,
@@ -50,7 +50,11 @@ from .transitions import (AutoExpand, Clients, Destroy, Expand, Group, Install, 
     Resume, ToIncremental, saved_by_group)
 from .units import MB
 
+if TYPE_CHECKING:
+    from .metrics import OriginRecorders
+
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class Engine:
@@ -78,6 +82,7 @@ class Engine:
         self.dirty = self.observers.dirty  # info is stale (set from the data path too)
         self.events = self.observers.events
         self.stopped = False  # shutdown() ran: no more tracking, no more writes
+        self.recorders: dict[str, OriginRecorders] = {}  # by origin: serve --metrics only
         self._lock = threading.RLock()
         self._published = ""
 
@@ -163,7 +168,7 @@ class Engine:
             origin = self.origins.get(name)
             if origin is not None:
                 self.attach(origin)
-                return OriginExport(origin, readonly, self.detach)
+                return OriginExport(origin, readonly, self.detach, self.recorders.get(name))
             m = self._snapshot_minor(name)
             if m is not None and m.snapshot is not None:
                 m.readers += 1
@@ -413,6 +418,11 @@ class Engine:
             if minor is None:
                 return self._info_doc()
             return self._get(self._minor_number(minor)).info()
+
+    def sample(self, read: Callable[[Minor], T]) -> list[T]:
+        """``read`` of every minor, by number, under the lock ``info`` takes (metrics)."""
+        with self._lock:
+            return [read(self.minors[n]) for n in sorted(self.minors)]
 
     def get_free_minor(self) -> int:
         with self._lock:

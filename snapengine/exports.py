@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import errno
 import json
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from .errors import SnapError
 from .extents import Extent, origin_extents, snapshot_extents
 from .origin import Origin
 from .snapshot import SnapshotTracker
+
+if TYPE_CHECKING:
+    from .metrics import OriginRecorders
 
 DESCRIPTION_KEY = "snapengine"  # an export's NBD description is a JSON object with this key
 DESCRIBES_ORIGIN = "origin"  # ... whose value says what the export is: an origin
@@ -27,10 +30,11 @@ def describe(kind: str, **fields) -> str:
 
 class OriginExport:
     """One NBD connection to an origin: read-write, every change tracked. ``detach``
-    is called once, when the client leaves (the last one sends the minor dormant)."""
+    is called once, when the client leaves (the last one sends the minor dormant).
+    With ``recorders`` (serve --metrics) the data callbacks are the timed ones."""
 
-    def __init__(self, origin: Origin, readonly: bool,
-                 detach: Callable[[Origin], None]) -> None:
+    def __init__(self, origin: Origin, readonly: bool, detach: Callable[[Origin], None],
+                 recorders: OriginRecorders | None = None) -> None:
         self._detach = detach
         self.origin = origin
         self.size = origin.size
@@ -41,6 +45,8 @@ class OriginExport:
         self.zero = origin.zero
         self.trim = origin.trim
         self.flush = origin.flush
+        if recorders is not None:
+            self.pread, self.pwrite, self.zero, self.trim = recorders.callbacks
 
     def extents(self, count: int, offset: int, req_one: bool) -> list[Extent]:
         return origin_extents(self.origin.io, self.size, count, offset, req_one)

@@ -13,6 +13,7 @@ import threading
 log = logging.getLogger(__name__)
 
 CHUNK = 256 * 1024  # bytes moved per recv
+DEFAULT_MAX_CONNECTIONS = 64  # --max-connections: TCP clients relayed at once
 
 
 def parse_hostport(value: str) -> tuple[str, int]:
@@ -23,8 +24,14 @@ def parse_hostport(value: str) -> tuple[str, int]:
 
 
 class TcpRelay:
-    def __init__(self, host: str, port: int, unix_path: str) -> None:
+    """Each accepted client is relayed by two threads; past ``max_connections`` clients at
+    once, a new one is closed at once (and logged) instead."""
+
+    def __init__(self, host: str, port: int, unix_path: str,
+                 max_connections: int = DEFAULT_MAX_CONNECTIONS) -> None:
         self.unix_path = unix_path
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self.max_connections = max_connections
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self._sock = socket.create_server((host, port), family=family)
         self._stopping = False
@@ -42,20 +49,43 @@ class TcpRelay:
                 client, addr = self._sock.accept()
             except OSError:
                 continue
+            if not self._slots.acquire(blocking=False):
+                log.warning("tcp relay: refused %s: %d connections already", addr[0],
+                            self.max_connections)
+                client.close()
+                continue
             try:
                 upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                 upstream.connect(self.unix_path)
             except OSError as e:
                 log.error("tcp relay: cannot reach %s: %s", self.unix_path, e)
                 client.close()
+                self._slots.release()
                 continue
             client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            done = _Countdown(2, self._slots.release)  # both directions ended: a free slot
             for src, dst in ((client, upstream), (upstream, client)):
-                threading.Thread(target=_pump, args=(src, dst), name="tcp-relay-pump",
+                threading.Thread(target=_pump, args=(src, dst, done), name="tcp-relay-pump",
                                  daemon=True).start()
 
 
-def _pump(src: socket.socket, dst: socket.socket) -> None:
+class _Countdown:
+    """Calls ``then`` once ``count()`` has been called ``n`` times."""
+
+    def __init__(self, n: int, then) -> None:
+        self._left = n
+        self._then = then
+        self._lock = threading.Lock()
+
+    def count(self) -> None:
+        with self._lock:
+            self._left -= 1
+            last = self._left == 0
+        if last:
+            self._then()
+
+
+def _pump(src: socket.socket, dst: socket.socket, done: _Countdown) -> None:
     try:
         while data := src.recv(CHUNK):
             dst.sendall(data)
@@ -68,3 +98,4 @@ def _pump(src: socket.socket, dst: socket.socket) -> None:
             except OSError:
                 pass
         src.close()
+        done.count()

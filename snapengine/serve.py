@@ -4,29 +4,25 @@ from __future__ import annotations
 
 import argparse
 import errno
+import grp
 import importlib.util
 import json
 import logging
 import os
 import shutil
-import signal
 import site
-import socket
 import stat
-import subprocess
 import sys
-import time
 from typing import NoReturn
 
-from . import __version__
+from . import __version__, attach, config, supervisor
 from .arguments import (DEFAULT_CACHE_MB, DEFAULT_FALLOCATE_PERCENT, DEFAULT_MAX_MINORS,
                         EXPORT_PREFIX, check_origin_names, check_settings)
-from .client import request
 from .control import remove_stale_socket
 from .daemon import LOG_FORMAT
 from .errors import SnapError
 from .origin import open_exclusive
-from .relay import parse_hostport
+from .relay import DEFAULT_MAX_CONNECTIONS, parse_hostport
 from .rundir import (
     CTL_SOCKET,
     DAEMON_LOG,
@@ -46,8 +42,6 @@ DEFAULT_ORIGIN = "var/disk0.img"  # served when no --origin is given, as DEFAULT
 DEFAULT_NAME = "disk0"
 DEFAULT_ORIGIN_SIZE = 1 << 30  # 1 GiB, sparse
 NBDKIT_THREADS = 16  # requests in flight per connection
-START_TIMEOUT = 30.0  # seconds --daemon waits for the control socket
-SHUTDOWN_GRACE = 2.0  # seconds nbdkit gets to exit once tracking has stopped
 
 
 class Parser(argparse.ArgumentParser):
@@ -60,22 +54,43 @@ def build_parser() -> Parser:
     parser = Parser(prog="snapengine", description="snapengine: live point-in-time "
                     "snapshots and changed-block tracking of block devices, over NBD.")
     parser.add_argument("--version", action="version", version=f"snapengine {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="serve", parser_class=Parser)
+    sub = parser.add_subparsers(dest="command", metavar="<command>", parser_class=Parser)
     p = sub.add_parser("serve", help="run the daemon", description=SERVE_HELP,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run-dir", default=default_run_dir(),
+    _place_options(p)
+    _daemon_options(p)
+    p.set_defaults(config_origins=[], loaded_config=None)
+    attach.add_commands(sub)
+    return parser
+
+
+def _place_options(p: argparse.ArgumentParser) -> None:
+    """Where things are: directories, origins, listeners, the config file."""
+    p.add_argument("--run-dir", default=default_run_dir(), metavar="DIR",
                    help=f"holds {CTL_SOCKET}, {NBD_SOCKET}, {INFO_FILE} and the pid files "
                    f"(env {RUN_DIR_ENV}, default %(default)s)")
-    p.add_argument("--state-dir", default=default_state_dir(),
+    p.add_argument("--state-dir", default=default_state_dir(), metavar="DIR",
                    help=f"holds {REGISTRY_FILE} (the minors a restart resumes, after a reboot "
                    f"too) and {DAEMON_LOG} (env {STATE_DIR_ENV}, default %(default)s)")
     p.add_argument("--origin", action="append", default=[], metavar="PATH[=NAME]",
                    help="a file or block device to serve read-write, as export NAME "
-                   "(default: PATH as given); repeatable. Without any: "
+                   "(default: PATH as given); repeatable, and replaces the config file's "
+                   "[[origins]]. Without any, a source checkout serves its "
                    f"{DEFAULT_ORIGIN}={DEFAULT_NAME}")
     p.add_argument("--tcp", metavar="HOST:PORT",
                    help="also listen on TCP (unauthenticated: anyone who reaches it can "
                    "read and write the origins)")
+    p.add_argument("--metrics", metavar="HOST:PORT",
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics (per minor and "
+                   "per origin; unauthenticated, read-only; see docs/metrics.md)")
+    p.add_argument("--config", metavar="FILE",
+                   help="read these options from a TOML file (keys: the long options with _ "
+                   "for -, and [[origins]] tables of path and name; see snapengine(8)); "
+                   "options on the command line win")
+
+
+def _daemon_options(p: argparse.ArgumentParser) -> None:
+    """How the daemon behaves: limits, defaults, durability, access."""
     p.add_argument("--max-minors", type=int, default=DEFAULT_MAX_MINORS, metavar="N",
                    help="minors are 0..N-1 (default %(default)s, at most 255)")
     p.add_argument("--cache-default", type=int, default=DEFAULT_CACHE_MB, metavar="MB",
@@ -87,9 +102,15 @@ def build_parser() -> Parser:
                    help="snapshots survive a power cut: old data is synced to the COW file "
                    "before the origin is overwritten (one group-committed fdatasync per batch "
                    "of first-touch writes; see docs/performance.md for the cost)")
+    p.add_argument("--socket-group", metavar="GROUP",
+                   help=f"{NBD_SOCKET} gets mode 0660 and this group, whose members may then "
+                   "attach (read and write) the origins (default: mode 0600, the daemon's "
+                   "user only)")
+    p.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS, metavar="N",
+                   help="TCP connections (--tcp) served at once; more are closed at once "
+                   "(default %(default)s)")
     p.add_argument("--daemon", action="store_true", help="detach once ready")
     p.add_argument("--verbose", action="store_true", help="debug logging")
-    return parser
 
 
 SERVE_HELP = f"""\
@@ -109,10 +130,10 @@ or, without the nbd kernel module:
 """
 
 
-def project_root() -> str:
-    """The source checkout holding this package, or the current directory."""
+def project_root() -> str | None:
+    """The source checkout holding this package; None for an installed copy."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    return root if os.path.exists(os.path.join(root, "pyproject.toml")) else os.getcwd()
+    return root if os.path.exists(os.path.join(root, "pyproject.toml")) else None
 
 
 def parse_origin(spec: str) -> tuple[str, str]:
@@ -122,6 +143,12 @@ def parse_origin(spec: str) -> tuple[str, str]:
         path, _, name = spec.rpartition("=")
     if not path or not name:
         raise SnapError(errno.EINVAL, f"--origin {spec!r} is not PATH[=NAME]")
+    return check_origin(path, name)
+
+
+def check_origin(path: str, name: str) -> tuple[str, str]:
+    """(absolute path, name) of an origin that can be served: a readable and writable
+    regular file or block device."""
     try:
         mode = os.stat(path).st_mode
     except OSError as e:
@@ -151,7 +178,12 @@ def check_origins_free(origins: list[tuple[str, str]], log: str) -> None:
 
 
 def default_origin() -> tuple[str, str]:
-    path = os.path.join(project_root(), DEFAULT_ORIGIN)
+    """A checkout's demo origin (``make run``); an installed daemon needs its origins."""
+    root = project_root()
+    if root is None:
+        raise SnapError(errno.EINVAL, "no origin: give --origin PATH[=NAME] or [[origins]] "
+                        "in the --config file")
+    path = os.path.join(root, DEFAULT_ORIGIN)
     if not os.path.exists(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "wb") as f:
@@ -180,7 +212,11 @@ def nbdkit_command(args: argparse.Namespace, origins: list[tuple[str, str]],
             f"fallocate_percent={args.fallocate_percent}",
             f"state_dir={args.state_dir}", f"log={log_path(args.state_dir)}"]
     if args.tcp:
-        cmd.append(f"tcp={args.tcp}")
+        cmd += [f"tcp={args.tcp}", f"max_connections={args.max_connections}"]
+    if args.metrics:
+        cmd.append(f"metrics={args.metrics}")
+    if args.socket_group is not None:
+        cmd.append(f"socket_group={group_id(args.socket_group)}")
     if args.verbose:
         cmd.append("verbose=1")
     if args.durable:
@@ -205,103 +241,76 @@ def check_options(args: argparse.Namespace) -> None:
             parse_hostport(args.tcp)
         except ValueError as e:
             raise SnapError(errno.EINVAL, str(e))
-
-
-def wait_ready(run_dir: RunDir, pid: int, log: str) -> None:
-    ctl = run_dir.ctl_socket
-    deadline = time.monotonic() + START_TIMEOUT
-    while time.monotonic() < deadline:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            raise SnapError(errno.EIO, f"the daemon exited with status {status >> 8}; "
-                            f"see {log}")
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    if args.metrics:
         try:
-            s.connect(ctl)
-            return
-        except OSError:
-            time.sleep(0.1)
-        finally:
-            s.close()
-    raise SnapError(errno.ETIMEDOUT, f"the daemon did not open {ctl} within {START_TIMEOUT:.0f} s")
+            parse_hostport(args.metrics)
+        except ValueError:
+            raise SnapError(errno.EINVAL, f"--metrics {args.metrics!r} is not HOST:PORT")
+    if args.max_connections < 1:
+        raise SnapError(errno.EINVAL, f"--max-connections {args.max_connections} is below 1")
+    if args.socket_group is not None:
+        group_id(args.socket_group)
 
 
-class Stop(Exception):
-    """SIGTERM or SIGINT reached the supervisor."""
-
-
-def _stop(signum: int, frame) -> None:
-    raise Stop(signal.Signals(signum).name)
-
-
-def supervise(cmd: list[str], env: dict[str, str], run_dir: RunDir) -> int:
-    """Run nbdkit and stop it cleanly on a signal; return the exit status.
-
-    nbdkit alone waits for every client to disconnect before it exits on SIGTERM, so an
-    attached filesystem would keep it up for ever. Instead, the engine is told to stop
-    tracking (every COW file closed clean, later writes refused with ESHUTDOWN); then
-    nbdkit is asked to exit, and killed after a grace period: nothing is left to lose.
-    """
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, _stop)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # logrotate's HUP: the log reopens itself
-    cmd = cmd + [f"supervisor={os.getpid()}"]  # nbdkit exits when this process is gone
+def group_id(group: str) -> int:
+    """--socket-group's gid: a group name or number known to this machine."""
     try:
-        proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, start_new_session=True)
-    except Stop:
-        return 0
-    try:
-        with open(run_dir.supervisor_pid, "w") as f:
-            f.write(f"{os.getpid()}\n")
-        status = proc.wait()
-        return status if status >= 0 else 128 - status  # killed: 128 + signal
-    except Stop as e:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, signal.SIG_IGN)
-        print(f"snapengine: {e}: shutting down", file=sys.stderr)
-        return shutdown(proc, run_dir)
-    finally:
-        for path in (run_dir.supervisor_pid, run_dir.nbdkit_pid):  # nbdkit's, if killed
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
-        for sock in (run_dir.nbd_socket, run_dir.ctl_socket):  # nbdkit's, if killed
-            try:
-                remove_stale_socket(sock)
-            except SnapError:
-                pass  # another daemon took over the run directory
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        if group.isdecimal():
+            return int(group)
+        raise SnapError(errno.EINVAL, f"--socket-group {group!r}: no such group")
 
 
-def shutdown(proc: subprocess.Popen, run_dir: RunDir) -> int:
-    clean = True
-    try:
-        request(run_dir.ctl_socket, "shutdown")
-    except SnapError as e:  # nbdkit may be gone already (it got the signal too)
-        clean = proc.poll() == 0
-        if not clean:
-            print(f"snapengine: clean shutdown request failed: {e}", file=sys.stderr)
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(SHUTDOWN_GRACE)
-    except subprocess.TimeoutExpired:  # clients still connected: they can only read now
-        proc.kill()
-        proc.wait()
-        try:  # nbdkit could not remove it: no stale view of the minors
-            os.unlink(run_dir.info)
-        except FileNotFoundError:
-            pass
-    return 0 if clean else 1
+def origins_of(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """--origin, else the config file's [[origins]], else the default origin."""
+    if args.origin:
+        return [parse_origin(spec) for spec in args.origin]
+    cfg: config.Config | None = args.loaded_config
+    out = []
+    for i, (path, name) in enumerate(args.config_origins):
+        try:
+            out.append(check_origin(path, name))
+        except SnapError as e:
+            assert cfg is not None
+            key = f"{config.ORIGINS}[{i}].path"
+            raise config.ConfigError(cfg.path, cfg.lines.get(key), key, e.detail)
+    return out or [default_origin()]
+
+
+def parse_serve(argv: list[str] | None) -> argparse.Namespace:
+    """The command line; with ``serve --config FILE``, the file's settings below it."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "serve" and args.config:
+        serve_parser = subcommand(parser, "serve")
+        loaded = config.load(args.config, serve_parser)
+        serve_parser.set_defaults(**loaded.values, loaded_config=loaded)
+        args = parser.parse_args(argv)
+    return args
+
+
+def subcommand(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices[name]
+    raise KeyError(name)
 
 
 def serve(args: argparse.Namespace) -> int:
-    check_options(args)
+    try:
+        check_options(args)
+    except SnapError as e:
+        if args.loaded_config is None:
+            raise
+        raise args.loaded_config.blame(e, args, config.option_keys(
+            subcommand(build_parser(), "serve")))
     run_dir = RunDir(os.path.abspath(args.run_dir))
     args.state_dir = os.path.abspath(args.state_dir)
+    origins = origins_of(args)
+    check_origin_names(origins)
     os.makedirs(run_dir.path, mode=0o755, exist_ok=True)
     os.makedirs(args.state_dir, mode=0o700, exist_ok=True)
-    origins = [parse_origin(spec) for spec in args.origin] or [default_origin()]
-    check_origin_names(origins)
     check_origins_free(origins, log_path(args.state_dir))
     for sock in (run_dir.ctl_socket, run_dir.nbd_socket):
         remove_stale_socket(sock)
@@ -310,23 +319,9 @@ def serve(args: argparse.Namespace) -> int:
     print(f"snapengine {__version__}: serving {', '.join(n for _, n in origins)} "
           f"on {run_dir.nbd_socket}", file=sys.stderr)
     if args.daemon:
-        return daemonize(cmd, env, run_dir, log_path(args.state_dir))
+        return supervisor.daemonize(cmd, env, run_dir, log_path(args.state_dir))
     print(quick_start(run_dir, origins[0][1]), file=sys.stderr)
-    return supervise(cmd, env, run_dir)
-
-
-def daemonize(cmd: list[str], env: dict[str, str], run_dir: RunDir, log: str) -> int:
-    """Fork the supervisor into the background; return once the daemon answers."""
-    pid = os.fork()
-    if pid == 0:
-        os.setsid()
-        null = os.open(os.devnull, os.O_RDWR)
-        for fd in (0, 1, 2):
-            os.dup2(null, fd)
-        os._exit(supervise(cmd, env, run_dir))
-    wait_ready(run_dir, pid, log)
-    print(f"snapengine: daemon ready, pid {pid} (log {log})", file=sys.stderr)
-    return 0
+    return supervisor.supervise(cmd, env, run_dir, log_path(args.state_dir))
 
 
 def quick_start(run_dir: RunDir, name: str) -> str:
@@ -336,20 +331,24 @@ Attach the origin as a block device (no nbd kernel module needed):
   mkdir -p /mnt/se && nbdfuse /mnt/se/disk '{uri}' &
   losetup -f --show /mnt/se/disk          # prints /dev/loopN: mkfs, mount, use it
 Take a first snapshot and read it:
-  .venv/bin/elioctl --run-dir {run_dir.path} setup-snapshot {name} /var/tmp/cow1 0
+  {os.path.join(os.path.dirname(os.path.abspath(sys.argv[0])), "elioctl")} --run-dir {run_dir.path} setup-snapshot {name} /var/tmp/cow1 0
   nbdcopy '{run_dir.nbd_uri(f"{EXPORT_PREFIX}0")}' /var/tmp/backup.img
 Stop with Ctrl-C (clean shutdown)."""
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.command != "serve":
+    try:
+        args = parse_serve(argv)
+    except SnapError as e:  # the config file
+        print(f"snapengine: serve: {e}", file=sys.stderr)
+        return e.errno or errno.EIO
+    if args.command is None:
         build_parser().print_help(sys.stderr)
         return errno.EINVAL
     try:
-        return serve(args)
+        return serve(args) if args.command == "serve" else args.func(args)
     except SnapError as e:
-        print(f"snapengine: serve: {e}", file=sys.stderr)
+        print(f"snapengine: {args.command}: {e}", file=sys.stderr)
         return e.errno or errno.EIO
 
 

@@ -1,8 +1,8 @@
 """update-img: bring a backup image up to a new snapshot by copying only the blocks that
 changed, as listed in the (closed) COW files of the snapshots since the image's.
 
-    update-img [--run-dir DIR] [--minor N] <snapshot> <cow file> [<cow file>...] <image file>
-    update-img [--run-dir DIR] [--minor N] --full <snapshot> <image file>
+    update-img [--run-dir DIR] [--minor N] <snapshot> <cow file> [<cow file>...] <image>
+    update-img [--run-dir DIR] [--minor N] --full <snapshot> <image>
     update-img [--run-dir DIR] [--minor N] --stamp <snapshot> <image file>
 
 Everything is checked before the image is opened for writing: each COW file is a clean,
@@ -22,6 +22,13 @@ offers it), nothing is read: the image is punched there (zeros written where it 
 be punched; a block device is zeroed), or, for --full into a new sparse file, left a
 hole. A block only partly in such an extent is read. Without block status every block
 is read, as before.
+
+The image may also be an NBD target (an nbd://, nbds:// or nbd+unix:// URI: qemu-nbd
+serving a qcow2 overlay, nbdkit ...; target.py): its size is checked against the
+snapshot and a read-only target refused (EROFS) before anything is written; it is
+written through one connection with several requests in flight, all-zero data sent as
+write-zeroes, and FLUSHed at the end instead of the fsync. It has no stamp: the stamp
+check is skipped with a warning.
 """
 
 from __future__ import annotations
@@ -29,34 +36,31 @@ from __future__ import annotations
 import argparse
 import errno
 import os
-import queue
 import sys
-import threading
-import time
-from typing import Callable, Iterator, NoReturn
+from contextlib import ExitStack, contextmanager
+from typing import Iterator, NoReturn
 
 from . import changes
 from .cli import error_line
 from .arguments import EXPORT_PREFIX
 from .errors import SnapError
-from .fileio import FileIO
+from .copier import Copier, pieces, progress_printer
 from .rundir import DEFAULT_RUN_DIR, RUN_DIR_ENV, RunDir, default_run_dir
-from .source import Reader, Snapshot, open_snapshot
+from .source import Snapshot, open_snapshot
 from .stamp import STAMP_SIDECAR, STAMP_XATTR, SnapshotId, clear_stamp, read_stamp, write_stamp
-from .units import BLOCK_SIZE, MiB
-from .zeromap import Piece, ZeroMap, zero_map
+from .target import FileTarget, NbdTarget, is_nbd
+from .units import BLOCK_SIZE
+from .zeromap import Piece, zero_map
 
-CHUNK = 4 * MiB  # largest single read: extents are coalesced up to this, and split at it
-HOLE_GRAIN = 64 * 1024  # --full leaves all-zero pieces of this size unwritten (holes)
 WORKERS = 4  # reads in flight (one NBD connection each)
-PROGRESS_EVERY = 0.2  # seconds between progress updates on a terminal
-ZERO_PIECE = 1 << 30  # largest piece of zeros zeroed (and counted) at once
 
 
 USAGE = """
-  update-img [--run-dir DIR] [--minor N] <snapshot> <cow file> [<cow file>...] <image file>
-  update-img [--run-dir DIR] [--minor N] --full <snapshot> <image file>
-  update-img [--run-dir DIR] [--minor N] --stamp <snapshot> <image file>"""
+  update-img [--run-dir DIR] [--minor N] <snapshot> <cow file> [<cow file>...] <image>
+  update-img [--run-dir DIR] [--minor N] --full <snapshot> <image>
+  update-img [--run-dir DIR] [--minor N] --stamp <snapshot> <image file>
+
+<image> is a file, a block device or an NBD URI (nbd://, nbds://, nbd+unix://)."""
 
 
 class Parser(argparse.ArgumentParser):
@@ -83,6 +87,12 @@ of them are copied once.
 Where the snapshot's NBD block status says a range reads as zeros, it is not read: the
 image is punched (or zeroed) there, and --full leaves it a hole.
 
+<image> may be an NBD URI, a qcow2 overlay served by qemu-nbd for instance (one per
+night: docs/backup-cycle.md). Its size must be the snapshot's (EINVAL) and it must be
+writable (EROFS), both checked before anything is written; all-zero data is sent as
+write-zeroes, and the target is FLUSHed at the end. An NBD target is not stamped (a
+warning says which snapshot it is taken to hold); --stamp refuses one (EINVAL).
+
 Prints 'copying complete: N blocks changed, E errors' (N: blocks changed in any of the
 COW files; --full: 'N blocks copied') and exits 0 only if every block was copied and the
 image was synced; then the image is stamped (xattr {STAMP_XATTR}, or
@@ -94,19 +104,20 @@ is refused (EINVAL, untouched)."""
 def build_parser() -> Parser:
     p = Parser(prog="update-img", usage=USAGE, description=__doc__.split("\n\n")[0].strip(),
                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
-    p.add_argument("--run-dir", default=default_run_dir(),
+    p.add_argument("--run-dir", default=default_run_dir(), metavar="DIR",
                    help=f"the daemon's run directory (env {RUN_DIR_ENV}, default %(default)s)")
-    p.add_argument("--minor", type=int, help="the snapshot's minor, when <snapshot> is a "
+    p.add_argument("--minor", type=int, metavar="N", help="the snapshot's minor, when <snapshot> is a "
                    f"local device or a URI that does not name {EXPORT_PREFIX}N")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--full", action="store_true", help="copy the whole snapshot into "
-                      "<image file> (created if missing) and stamp it")
+                      "<image> (a file created if missing) and stamp it")
     mode.add_argument("--stamp", action="store_true", help="stamp <image file>, made by "
                       "another tool (nbdcopy, dd), as holding <snapshot>")
-    p.add_argument("snapshot", metavar="<snapshot>")
-    p.add_argument("files", nargs="*", metavar="<cow file> [<cow file>...] <image file>",
-                   help="the COW files oldest first, then the image; <image file> alone "
-                   "with --full or --stamp")
+    p.add_argument("snapshot", metavar="<snapshot>", help="a minor, an export name, an "
+                   "NBD URI or a local copy of the snapshot (below)")
+    p.add_argument("files", nargs="*", metavar="<cow file> [<cow file>...] <image>",
+                   help="the COW files oldest first, then the image (a file, a block "
+                   "device or an NBD URI); <image> alone with --full or --stamp")
     return p
 
 
@@ -114,8 +125,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
     whole = args.full or args.stamp
     if (len(args.files) != 1) if whole else (len(args.files) < 2):
-        usage = (f"--{'full' if args.full else 'stamp'} <snapshot> <image file>" if whole
-                 else "<snapshot> <cow file> [<cow file>...] <image file>")
+        usage = (f"--{'full' if args.full else 'stamp'} <snapshot> <image>" if whole
+                 else "<snapshot> <cow file> [<cow file>...] <image>")
         raise SnapError(errno.EINVAL, f"wrong number of arguments: expected {usage} "
                         "(see 'update-img --help')")
     args.cow_files, args.image = args.files[:-1], args.files[-1]
@@ -193,109 +204,7 @@ def check_stamp(image: str, changed: changes.ChangeList) -> None:
                         f"{changed.path} (seq_id {h.seq_id}) updates snapshot {h.seq_id}")
 
 
-def pieces(extents: Iterator[tuple[int, int]], zeros: ZeroMap) -> Iterator[Piece]:
-    """Changed byte extents as work: data in chunks of CHUNK, zeros of ZERO_PIECE."""
-    for offset, length in extents:
-        for start, n, zero in zeros.split(offset, length):
-            for o, m in chunks(iter([(start, n)]), ZERO_PIECE if zero else CHUNK):
-                yield o, m, zero
-
-
-# -- copying ---------------------------------------------------------------------------
-
-def chunks(extents: Iterator[tuple[int, int]], size: int = CHUNK) -> Iterator[tuple[int, int]]:
-    """Changed byte extents, coalesced when adjacent and split at ``size``."""
-    for offset, length in extents:
-        while length:
-            n = min(length, size)
-            yield offset, n
-            offset += n
-            length -= n
-
-
-class Copier:
-    """Copies pieces with one thread per reader (one connection each, already checked to
-    be the snapshot's): a piece of data is read and written, a piece of zeros is zeroed
-    in the image, not read; counts blocks copied and failed."""
-
-    def __init__(self, readers: list[Reader], image_fd: int, total: int,
-                 keep_holes: bool = False, image_path: str = "the image") -> None:
-        self.readers = readers
-        self.image_fd = image_fd
-        self.image = FileIO(image_fd, image_path)  # zeroes ranges (the caller closes the fd)
-        self.total = total
-        self.keep_holes = keep_holes  # all-zero pieces are not written (the image is sparse)
-        self.done = 0
-        self.failed = 0
-        self.first_error = ""
-        self._lock = threading.Lock()
-        self._queue: queue.Queue[Piece | None] = queue.Queue(maxsize=len(readers) * 4)
-
-    def run(self, work: Iterator[Piece], progress: Callable[[int, int], None]) -> None:
-        threads = [threading.Thread(target=self._worker, args=(read,), daemon=True)
-                   for read in self.readers]
-        for t in threads:
-            t.start()
-        for item in work:
-            self._queue.put(item)
-            progress(self.done, self.total)
-        for _ in threads:
-            self._queue.put(None)
-        for t in threads:
-            while t.is_alive():
-                t.join(PROGRESS_EVERY)
-                progress(self.done, self.total)
-
-    def _worker(self, read: Reader) -> None:
-        while (item := self._queue.get()) is not None:
-            offset, length, zero = item
-            blocks = (length + BLOCK_SIZE - 1) // BLOCK_SIZE
-            try:
-                if zero:
-                    self._zero(offset, length)
-                else:
-                    self._write(read(length, offset), offset)
-                with self._lock:
-                    self.done += blocks
-            except Exception as e:
-                with self._lock:
-                    self.failed += blocks
-                self._note_error(f"blocks at {offset} (+{length} bytes): {e}")
-
-    def _zero(self, offset: int, length: int) -> None:
-        """The snapshot reads as zeros here: so must the image. A new sparse image does."""
-        if not self.keep_holes:
-            self.image.zero(offset, length, may_trim=True)  # punch, or write zeros
-
-    def _write(self, data: bytes, offset: int) -> None:
-        if not self.keep_holes:
-            os.pwrite(self.image_fd, data, offset)
-            return
-        for i in range(0, len(data), HOLE_GRAIN):
-            piece = data[i:i + HOLE_GRAIN]
-            if piece.count(0) != len(piece):
-                os.pwrite(self.image_fd, piece, offset + i)
-
-    def _note_error(self, message: str) -> None:
-        with self._lock:
-            if not self.first_error:
-                self.first_error = message
-
-
-def progress_printer(stream) -> Callable[[int, int], None]:
-    if not stream.isatty():
-        return lambda done, total: None
-    last = [0.0]
-
-    def show(done: int, total: int) -> None:
-        now = time.monotonic()
-        if now - last[0] >= PROGRESS_EVERY or done == total:
-            last[0] = now
-            pct = 100.0 * done / total if total else 100.0
-            stream.write(f"\rcopying: {done}/{total} blocks ({pct:5.1f}%)")
-            stream.flush()
-    return show
-
+# -- the image ---------------------------------------------------------------------
 
 def open_image(path: str, flags: int = os.O_WRONLY, mode: int = 0o600) -> int:
     try:
@@ -308,27 +217,56 @@ def image_size(fd: int) -> int:
     return os.lseek(fd, 0, os.SEEK_END)
 
 
-def copy_and_stamp(copier: Copier, work: Iterator[Piece], image: str, fd: int,
-                   stamp: SnapshotId, what: str) -> int:
-    """Copy, fsync, print the result; stamp the image only if all of it is safe."""
+def copy_and_finish(copier: Copier, work: Iterator[Piece], target, identity: SnapshotId,
+                    what: str) -> int:
+    """Copy, make the target durable (fsync, or FLUSH), print the result; stamp a file
+    image only if all of it is safe (an NBD target has nowhere to keep a stamp)."""
     copier.run(work, progress_printer(sys.stderr))
     if sys.stderr.isatty():
         sys.stderr.write("\n")
     try:
-        os.fsync(fd)
-    except OSError as e:
+        target.finish()
+    except SnapError as e:
         copier.failed = copier.failed or copier.done
-        copier.first_error = copier.first_error or f"fsync of {image}: {e}"
+        copier.first_error = copier.first_error or e.detail
     print(f"copying complete: {copier.done} blocks {what}, {copier.failed} errors")
     if copier.failed:
         print(f"update-img: {copier.first_error}", file=sys.stderr)
         return errno.EIO
+    if isinstance(target, NbdTarget):
+        print(f"update-img: {target.name} holds snapshot {identity.seq_id} of chain "
+              f"{identity.uuid} (NBD targets are not stamped: keep track of which is which)",
+              file=sys.stderr)
+        return 0
     try:
-        write_stamp(image, fd, stamp)
+        write_stamp(target.name, target.fd, identity)
     except OSError as e:
-        raise SnapError(errno.EIO, f"{image} holds snapshot {stamp.seq_id} but could not be "
-                        f"stamped ({e}): run 'update-img --stamp'")
+        raise SnapError(errno.EIO, f"{target.name} holds snapshot {identity.seq_id} but could "
+                        f"not be stamped ({e}): run 'update-img --stamp'")
     return 0
+
+
+@contextmanager
+def nbd_target(uri: str, size: int) -> Iterator[NbdTarget]:
+    """The NBD target at ``uri``, checked (size, writable) before anything is written."""
+    target = NbdTarget(uri)
+    try:
+        if target.size != size:
+            raise SnapError(errno.EINVAL, f"sizes differ: target {uri} {target.size}, "
+                            f"snapshot {size} bytes")
+        target.check_writable()
+        target.start()
+        yield target
+    finally:
+        target.close()
+
+
+@contextmanager
+def file_target(path: str, fd: int) -> Iterator[FileTarget]:
+    try:
+        yield FileTarget(path, fd)
+    finally:
+        os.close(fd)
 
 
 def image_size_of(path: str) -> int:
@@ -341,24 +279,27 @@ def image_size_of(path: str) -> int:
 
 
 def update(args: argparse.Namespace) -> int:
-    """Check the chain, the snapshot, the image and its stamp, then copy the union of the
-    chain's changed blocks once."""
+    """Check the chain, the snapshot, the image (its size, its stamp) and only then open
+    it for writing; copy the union of the chain's changed blocks once."""
     chain = read_chain(args.cow_files)
     extents = changes.union(changed.scan for changed in chain)
     origin_size = chain[0].header.origin_size
-    with open_snapshot(args.snapshot, RunDir(args.run_dir), args.minor) as snap:
-        check(chain, snap, image_size_of(args.image))
-        check_stamp(args.image, chain[0])
-        fd = open_image(args.image)  # every check passed: only now opened for writing
-        try:
-            copier = Copier(snap.readers(WORKERS), fd, changes.nr_extent_blocks(extents),
-                            image_path=args.image)
-            with zero_map(snap) as zeros:
-                return copy_and_stamp(copier, pieces(changes.byte_extents(extents, origin_size),
-                                                     zeros),
-                                      args.image, fd, snap.identity, "changed")
-        finally:
-            os.close(fd)
+    with open_snapshot(args.snapshot, RunDir(args.run_dir), args.minor) as snap, \
+            ExitStack() as stack:
+        if is_nbd(args.image):
+            check(chain, snap, snap.size)  # the target's own size: nbd_target
+            target = stack.enter_context(nbd_target(args.image, snap.size))
+            print(f"update-img: warning: {args.image} is an NBD target, which has no stamp; "
+                  f"taking it as snapshot {chain[0].header.seq_id} of chain "
+                  f"{chain[0].header.uuid.hex()}", file=sys.stderr)
+        else:
+            check(chain, snap, image_size_of(args.image))
+            check_stamp(args.image, chain[0])
+            target = stack.enter_context(file_target(args.image, open_image(args.image)))
+        copier = Copier(snap.readers(WORKERS), target, changes.nr_extent_blocks(extents))
+        with zero_map(snap) as zeros:
+            work = pieces(changes.byte_extents(extents, origin_size), zeros)
+            return copy_and_finish(copier, work, target, snap.identity, "changed")
 
 
 def open_full_image(path: str, size: int) -> int:
@@ -389,21 +330,27 @@ def open_full_image(path: str, size: int) -> int:
 
 
 def run_full(args: argparse.Namespace) -> int:
-    with open_snapshot(args.snapshot, RunDir(args.run_dir), args.minor) as snap:
+    with open_snapshot(args.snapshot, RunDir(args.run_dir), args.minor) as snap, \
+            ExitStack() as stack:
         readers = snap.readers(WORKERS)  # all checked before the image is emptied
-        fd = open_full_image(args.image, snap.size)
-        try:
-            # holes can be skipped only where the image reads as zeros already: a regular file
-            copier = Copier(readers, fd, (snap.size + BLOCK_SIZE - 1) // BLOCK_SIZE,
-                            keep_holes=os.path.isfile(args.image), image_path=args.image)
-            with zero_map(snap) as zeros:
-                return copy_and_stamp(copier, pieces(iter([(0, snap.size)]), zeros),
-                                      args.image, fd, snap.identity, "copied")
-        finally:
-            os.close(fd)
+        if is_nbd(args.image):
+            target = stack.enter_context(nbd_target(args.image, snap.size))
+            holes = False  # what the target reads is not known: zeros are written too
+        else:
+            fd = open_full_image(args.image, snap.size)
+            target = stack.enter_context(file_target(args.image, fd))
+            holes = os.path.isfile(args.image)  # an emptied sparse file reads as zeros
+        copier = Copier(readers, target, (snap.size + BLOCK_SIZE - 1) // BLOCK_SIZE,
+                        keep_holes=holes)
+        with zero_map(snap) as zeros:
+            return copy_and_finish(copier, pieces(iter([(0, snap.size)]), zeros), target,
+                                   snap.identity, "copied")
 
 
 def run_stamp(args: argparse.Namespace) -> int:
+    if is_nbd(args.image):
+        raise SnapError(errno.EINVAL, f"{args.image} is an NBD target: it has nowhere to "
+                        "keep a stamp (update-img into it needs none)")
     with open_snapshot(args.snapshot, RunDir(args.run_dir), args.minor) as snap:
         return stamp_image(args.image, snap.size, snap.identity)
 

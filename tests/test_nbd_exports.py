@@ -32,6 +32,7 @@ import pytest
 from snapengine.client import request
 from tests.harness import daemon, sparse_file, wait_for
 from tests.harness.nbdclient import export_names as harness_export_names
+from tests.harness.sockets import free_tcp_port
 
 nbd = pytest.importorskip("nbd")
 
@@ -43,12 +44,6 @@ DORMANT = {0: 1, 1: 0}  # minor -> state between tests
 
 
 # -- fixtures and helpers -------------------------------------------------------------------
-
-def free_tcp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):

@@ -11,7 +11,7 @@ import shutil
 import nbd
 import pytest
 
-from snapengine import source, updateimg, zeromap
+from snapengine import copier, source, updateimg, zeromap
 from snapengine.cowfile import FLAG_CLEAN, CowFile
 from snapengine.errors import SnapError
 from snapengine.stamp import SnapshotId
@@ -436,8 +436,8 @@ def test_zero_map_asks_ahead_once_and_falls_back_to_data():
     zeros = zeromap.ZeroMap(FakeStatus([(0, 2 * B + 10, True)]), 2 * B + 10)
     assert list(zeros.split(0, 2 * B + 10)) == [(0, 2 * B + 10, True)]
     # pieces() cuts data at CHUNK, zeros at ZERO_PIECE, and counts each block once
-    big = updateimg.CHUNK * 3
+    big = copier.CHUNK * 3
     zeros = zeromap.ZeroMap(FakeStatus([(0, big, False), (big, big, True)]), 2 * big)
-    work = list(updateimg.pieces(iter([(0, 2 * big)]), zeros))
-    assert work == [(0, updateimg.CHUNK, False), (updateimg.CHUNK, updateimg.CHUNK, False),
-                    (2 * updateimg.CHUNK, updateimg.CHUNK, False), (big, big, True)]
+    work = list(copier.pieces(iter([(0, 2 * big)]), zeros))
+    assert work == [(0, copier.CHUNK, False), (copier.CHUNK, copier.CHUNK, False),
+                    (2 * copier.CHUNK, copier.CHUNK, False), (big, big, True)]

@@ -31,6 +31,7 @@ class Daemon:
     extra: list[str] = field(default_factory=list)  # more serve options (--durable...)
     verbose: bool = True  # --verbose: DEBUG logs (the benchmarks measure without)
     state_dir: str = ""  # --state-dir (registry, daemon.log); "": the run dir itself
+    config: str = ""  # --config FILE instead of --run-dir, --state-dir (the file's)
     proc: subprocess.Popen | None = None
     log_path: str = ""
 
@@ -38,8 +39,11 @@ class Daemon:
         """Start, and return once both sockets answer (ServerStartError if it exits)."""
         os.makedirs(self.run_dir, exist_ok=True)
         self.log_path = os.path.join(self.run_dir, "serve.out")
-        cmd = [os.path.join(BIN, "snapengine"), "serve", "--run-dir", self.run_dir,
-               "--state-dir", self.state_dir or self.run_dir]
+        cmd = [os.path.join(BIN, "snapengine"), "serve"]
+        if self.config:  # run dir, state dir and origins from the file
+            cmd += ["--config", self.config]
+        else:
+            cmd += ["--run-dir", self.run_dir, "--state-dir", self.state_dir or self.run_dir]
         cmd += ["--verbose"] if self.verbose else []
         for path, name in self.origins:
             cmd += ["--origin", f"{path}={name}"]

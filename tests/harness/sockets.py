@@ -56,3 +56,10 @@ def wait_socket(path: str, proc: subprocess.Popen, name: str, log: str,
             raise ServerStartError(f"{name} did not answer on {path} within {timeout:.0f} s:"
                                    f"\n{log_tail(log)}")
         time.sleep(POLL_INTERVAL)
+
+
+def free_tcp_port() -> int:
+    """A TCP port of 127.0.0.1 free now (for --tcp, --metrics)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
