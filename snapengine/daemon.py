@@ -3,7 +3,8 @@
 nbdkit drives it through nbd_plugin.py, in this order: ``configure`` for each
 key=value, ``check`` (config_complete), ``start`` (get_ready: origins opened, minors
 resumed, before any socket accepts), ``start_threads`` (after_fork: metrics listener,
-control socket, info refresher, TCP relay), ``stop`` (cleanup: clean shutdown).
+TCP relay, then the control socket, whose answer means ready; the info refresher),
+``stop`` (cleanup: clean shutdown).
 """
 
 from __future__ import annotations
@@ -104,36 +105,41 @@ class Daemon:
                  failed, run_dir, self.engine.state_dir)
 
     def start_threads(self) -> None:
+        """Everything that listens or runs beside nbdkit's threads. A listener that
+        cannot start (a busy --metrics or --tcp port) fails the start: the reason in the
+        log, every COW file closed cleanly (nbdkit does not call cleanup then)."""
+        try:
+            self._start_threads()
+        except OSError as e:
+            log.error("cannot start: %s", e)
+            self.stop()
+            raise
+
+    def _start_threads(self) -> None:
         assert self.engine is not None
         if self.params.get("metrics"):  # first: a busy port fails before any socket answers
             self.metrics = self._start_metrics(self.params["metrics"])
         layout = self.engine.layout
         gid = self.params.get("socket_group")
         secure_socket(layout.nbd_socket, int(gid) if gid is not None else None)
+        if self.params.get("tcp"):  # listening before the control socket answers (ready.py)
+            host, port = parse_hostport(self.params["tcp"])
+            self.relay = TcpRelay(host, port, layout.nbd_socket,
+                                  int(self.params.get("max_connections", DEFAULT_MAX_CONNECTIONS)))
+            self.relay.start()
+            log.warning("unauthenticated NBD listener on %s:%d", host, port)
         self.control = ControlServer(self.engine, layout.ctl_socket)
         self.control.start()
         threading.Thread(target=self._refresh_info, name="info", daemon=True).start()
         if self.params.get("supervisor"):
             threading.Thread(target=self._watch_supervisor, args=(int(self.params["supervisor"]),),
                              name="supervisor-watch", daemon=True).start()
-        if self.params.get("tcp"):
-            host, port = parse_hostport(self.params["tcp"])
-            self.relay = TcpRelay(host, port, layout.nbd_socket,
-                                  int(self.params.get("max_connections", DEFAULT_MAX_CONNECTIONS)))
-            self.relay.start()
-            log.warning("unauthenticated NBD listener on %s:%d", host, port)
 
     def _start_metrics(self, hostport: str) -> MetricsServer:
-        """Serve /metrics (docs/metrics.md). A port that cannot be bound fails the start:
-        the reason in the log, every COW file closed cleanly."""
+        """Serve /metrics (docs/metrics.md)."""
         from .metrics import MetricsServer  # here: prometheus_client costs ~85 ms to import
         assert self.engine is not None
-        try:
-            metrics = MetricsServer(self.engine, hostport)
-        except OSError as e:
-            log.error("cannot start: %s", e)
-            self.stop()
-            raise
+        metrics = MetricsServer(self.engine, hostport)
         metrics.start()
         return metrics
 

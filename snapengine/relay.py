@@ -6,9 +6,12 @@ and write the origins. docs/security.md says so.
 
 from __future__ import annotations
 
+import errno
 import logging
 import socket
 import threading
+
+from .errors import SnapError
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +36,11 @@ class TcpRelay:
         self._slots = threading.BoundedSemaphore(max_connections)
         self.max_connections = max_connections
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self._sock = socket.create_server((host, port), family=family)
+        try:
+            self._sock = socket.create_server((host, port), family=family)
+        except OSError as e:
+            raise SnapError(e.errno if e.errno and e.errno > 0 else errno.EADDRNOTAVAIL,
+                            f"tcp: cannot listen on {host}:{port} ({e.strerror})") from e
         self._stopping = False
 
     def start(self) -> None:

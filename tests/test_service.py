@@ -174,6 +174,28 @@ def test_tcp_connection_limit(open_dir):
             shutdown_quietly(h)
 
 
+def test_busy_tcp_port_fails_the_start_cleanly(tmp_path):
+    """--tcp on a port another process holds: the daemon exits non-zero, its log names
+    the address, and nothing is left listening or running."""
+    origin = sparse_file(str(tmp_path / "disk0.img"), 16 << 20)
+    run_dir = RunDir(str(tmp_path / "run"))
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        r = subprocess.run([os.path.join(BIN, "snapengine"), "serve", "--run-dir", run_dir.path,
+                            "--state-dir", run_dir.path, "--origin", f"{origin}=disk0",
+                            "--tcp", f"127.0.0.1:{port}"], capture_output=True, text=True,
+                           timeout=60)
+    assert r.returncode != 0, r
+    with open(os.path.join(run_dir.path, "daemon.log")) as f:
+        log = f.read()
+    assert f"cannot start: {os.strerror(errno.EADDRINUSE)}: tcp: cannot listen on " \
+        f"127.0.0.1:{port}" in log, log
+    assert "tracking stopped: every COW file closed cleanly" in log, log
+    assert not os.path.exists(run_dir.ctl_socket) and not os.path.exists(run_dir.nbd_socket)
+
+
 # -- make install ---------------------------------------------------------------------------
 
 UNITS = ("snapengine.service", "snapengine-attach@.service")
