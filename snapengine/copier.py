@@ -9,12 +9,11 @@ import time
 from typing import Callable, Iterator
 
 from .source import Reader
-from .target import Done
+from .target import GRAIN, Done, all_zeros
 from .units import BLOCK_SIZE, MiB
 from .zeromap import Piece, ZeroMap
 
 CHUNK = 4 * MiB  # largest single read: extents are coalesced up to this, and split at it
-HOLE_GRAIN = 64 * 1024  # --full leaves all-zero pieces of this size unwritten (holes)
 PROGRESS_EVERY = 0.2  # seconds between progress updates on a terminal
 ZERO_PIECE = 1 << 30  # largest piece of zeros zeroed (and counted) at once
 
@@ -109,9 +108,9 @@ class Copier:
         if not self.keep_holes:
             self.target.write(data, offset, done)
             return
-        for i in range(0, len(data), HOLE_GRAIN):  # a file: each write done or raising
-            end = min(i + HOLE_GRAIN, len(data))
-            if data.count(0, i, end) != end - i:
+        for i in range(0, len(data), GRAIN):  # a file: each write done or raising
+            end = min(i + GRAIN, len(data))
+            if not all_zeros(data, i, end):
                 self.target.write(data[i:end], offset + i, _ignore)
         done(None)
 

@@ -30,7 +30,8 @@ from .source import NBD_SCHEMES
 
 Done = Callable[[str | None], None]  # called once a request has completed: its error
 WINDOW = 16  # requests in flight to an NBD target
-GRAIN = 64 * 1024  # all-zero data is looked for in pieces of this size (qcow2's clusters)
+GRAIN = 64 * 1024  # all-zero data is looked for in pieces of this size (qcow2's clusters;
+#   --full leaves such pieces of a new sparse file unwritten: copier.py)
 NBD_MAX_REQUEST = 32 << 20  # a request's largest length when the server gives no maximum
 
 
@@ -61,7 +62,8 @@ class FileTarget:
             raise SnapError(e.errno or errno.EIO, f"fsync of {self.name}: {e.strerror}")
 
 
-def _zeros(data: bytes, start: int, end: int) -> bool:
+def all_zeros(data: bytes, start: int, end: int) -> bool:
+    """``data[start:end]`` is all zero bytes (counted in place, no copy)."""
     return data.count(0, start, end) == end - start
 
 
@@ -131,10 +133,10 @@ class NbdTarget:
     def _parts(self, data: bytes, offset: int) -> Iterator[tuple[str, object, int]]:
         i, end = 0, len(data)
         while i < end:
-            zero = self.can_zero and _zeros(data, i, min(i + GRAIN, end))
+            zero = self.can_zero and all_zeros(data, i, min(i + GRAIN, end))
             limit = end if zero else min(end, i + self.max_request)
             j = min(i + GRAIN, limit)
-            while j < limit and (self.can_zero and _zeros(data, j, min(j + GRAIN, end))) == zero:
+            while j < limit and (self.can_zero and all_zeros(data, j, min(j + GRAIN, end))) == zero:
                 j = min(j + GRAIN, limit)
             yield ("zero", j - i, offset + i) if zero else ("write", data[i:j], offset + i)
             i = j

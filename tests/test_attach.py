@@ -16,7 +16,7 @@ from snapengine.attach import state_path
 from snapengine.rundir import RunDir
 
 from tests.harness.daemon import Daemon, daemon
-from tests.harness.devices import MKFS_EXT4, mounted
+from tests.harness.devices import MKFS_EXT4, mounted, unmount_all
 from tests.harness.files import sparse_file
 from tests.harness.process import BIN, require, require_root_devices, run
 
@@ -46,10 +46,7 @@ def cleaned_up(d: Daemon, name: str) -> Iterator[None]:
         if os.path.exists(path):
             with open(path) as f:
                 state = json.load(f)
-            with open("/proc/mounts") as f:
-                points = [line.split()[1] for line in f if line.split()[0] == state["device"]]
-            for point in reversed(points):
-                run(["umount", point], check=False)
+            unmount_all(state["device"])
             run(["losetup", "-d", state["device"]], check=False)
             run(["fusermount3", "-u", state["fuse_dir"]], check=False)
 
