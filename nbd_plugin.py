@@ -11,7 +11,10 @@ Every callback goes through ``_failed`` on an exception: an OSError becomes its 
 for the client (``nbdkit.set_error``), anything else is logged with its traceback and
 becomes EIO. Most are wrapped by the ``_callback`` decorator; the four data callbacks
 call it from an inline ``except`` instead, which costs nothing until something fails
-(a decorator's extra call is measurable on every 4 KiB request).
+(a decorator's extra call is measurable on every 4 KiB request). Each data callback
+first keeps its worker thread's Python thread state for the life of the connection
+(snapengine/threadstate.py: nbdkit would build and destroy one per request);
+``close`` releases them.
 """
 
 import errno
@@ -19,6 +22,7 @@ import functools
 import logging
 import os
 import site
+from threading import get_ident
 
 for _dir in os.environ.get("SNAPENGINE_SITE", "").split(os.pathsep):
     if _dir:
@@ -26,6 +30,7 @@ for _dir in os.environ.get("SNAPENGINE_SITE", "").split(os.pathsep):
 
 import nbdkit  # noqa: E402  (provided by nbdkit's python plugin)
 
+from snapengine import threadstate  # noqa: E402
 from snapengine.daemon import Daemon  # noqa: E402
 from snapengine.errors import SnapError  # noqa: E402
 
@@ -111,7 +116,10 @@ def open(readonly):
 
 @_callback
 def close(h):
-    h.close()
+    try:
+        h.close()
+    finally:  # every worker thread of this connection has exited
+        log.debug("connection closed: %d thread states released", threadstate.release(h))
 
 
 def get_size(h):
@@ -162,7 +170,14 @@ def is_rotational(h):
     return False
 
 
+# First in each data callback: keep this worker thread's Python thread state
+# (snapengine/threadstate.py); inline, so that a thread kept already pays two C calls.
+kept, keep = threadstate.threads, threadstate.keep
+
+
 def pread(h, buf, offset, flags):
+    if get_ident() not in kept:
+        keep(h)
     try:
         h.pread(buf, offset)
     except Exception as e:
@@ -171,6 +186,8 @@ def pread(h, buf, offset, flags):
 
 
 def pwrite(h, buf, offset, flags):
+    if get_ident() not in kept:
+        keep(h)
     try:
         h.pwrite(buf, offset, flags & FUA)
     except Exception as e:
@@ -179,6 +196,8 @@ def pwrite(h, buf, offset, flags):
 
 
 def zero(h, count, offset, flags):
+    if get_ident() not in kept:
+        keep(h)
     if flags & FAST_ZERO:
         nbdkit.set_error(errno.ENOTSUP)  # the client falls back to a normal zero
         raise OSError(errno.ENOTSUP, "fast zero is not supported")
@@ -190,6 +209,8 @@ def zero(h, count, offset, flags):
 
 
 def trim(h, count, offset, flags):
+    if get_ident() not in kept:
+        keep(h)
     try:
         h.trim(count, offset, flags & FUA)
     except Exception as e:
@@ -204,4 +225,6 @@ def flush(h, flags):
 
 @_callback
 def extents(h, count, offset, flags):
+    if get_ident() not in kept:
+        keep(h)
     return h.extents(count, offset, flags & REQ_ONE)

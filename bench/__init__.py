@@ -6,3 +6,7 @@ BLOCK = 4096  # bytes: snapengine's tracking unit
 MiB = 1 << 20
 GiB = 1 << 30
 TiB = 1 << 40
+
+
+class BenchError(Exception):
+    """A step of a benchmark failed: the message says which and why."""

@@ -23,7 +23,9 @@ import sys
 import tempfile
 
 from bench import MiB
-from bench.run import MINOR, ORIGIN_NAME, RANDWRITE_4K, SEQWRITE_1M, Workload, make_image, run_fio
+from bench.fio import RANDWRITE_4K, SEQWRITE_1M, Job, Workload, run_fio
+from bench.minor import MINOR, ORIGIN_NAME
+from bench.servers import make_image
 from tests.harness import Daemon, daemon
 
 ROWS = ((RANDWRITE_4K, "touch"), (SEQWRITE_1M, "size"))
@@ -35,7 +37,7 @@ def first_touch(d: Daemon, work: str, w: Workload, pass_bytes: int, size: int,
     cow = os.path.join(work, f"cow-{os.path.basename(d.run_dir)}-{w.bs}-{repeat}")
     d.elioctl("setup-snapshot", "-f", str(-(-size // MiB)), ORIGIN_NAME, cow, MINOR)
     try:
-        return run_fio(d.uri(ORIGIN_NAME), w, 0, pass_bytes, repeat).iops
+        return run_fio(Job(d.uri(ORIGIN_NAME), w, pass_bytes=pass_bytes), repeat).iops
     finally:
         d.elioctl("destroy", MINOR)
 

@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 from bench import GiB, MiB, TiB
-from bench.run import nbdkit_cmd, qemu_fleecing_cmd, server
+from bench.servers import nbdkit_cmd, qemu_fleecing_cmd, server
 from tests.harness import (
     CommandFailed,
     ServerStartError,

@@ -23,38 +23,26 @@ import sys
 import tempfile
 
 from bench import MiB
-from bench.run import (ORIGIN_NAME, RANDREAD_4K, RANDWRITE_4K, Workload, fio_cmd, make_image,
-                       parse_fio)
-from tests.harness import Daemon, daemon, run
+from bench.fio import RANDREAD_4K, RANDWRITE_4K, Job, Workload
+from bench.minor import ORIGIN_NAME
+from bench.pairs import Measurement, measure, pair_order
+from bench.servers import make_image
+from tests.harness import daemon
 from tests.harness.sockets import free_tcp_port
 
 MODES = ("off", "on")
 WORKLOADS = (RANDWRITE_4K, RANDREAD_4K)
 
 
-def user_seconds(pid: int) -> float:
-    """User CPU time of process ``pid``, its exited threads included."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return int(fields[11]) / os.sysconf("SC_CLK_TCK")
-
-
-def measure(d: Daemon, w: Workload, runtime: int) -> tuple[float, float]:
-    """(IOPS, user CPU µs per request) of one time-based fio run on ``d``."""
-    before = user_seconds(d.pid)
-    out = run(fio_cmd(d.uri(ORIGIN_NAME), w, runtime, 0), timeout=runtime + 120.0).stdout
-    stats = parse_fio(out, w)
-    return float(stats["iops"]), (user_seconds(d.pid) - before) / stats["total_ios"] * 1e6
-
-
-def row(w: Workload, got: dict[str, list[tuple[float, float]]]) -> str:
+def row(w: Workload, got: dict[str, list[Measurement]]) -> str:
     off, on = got["off"], got["on"]
-    ratios = [b[0] / a[0] for a, b in zip(off, on)]
-    cpu_off, cpu_on = (statistics.median(s[1] for s in got[m]) for m in MODES)
-    return (f"| {w.name} | {statistics.median(s[0] for s in off):,.0f} | "
-            f"{statistics.median(s[0] for s in on):,.0f} | {statistics.median(ratios):.3f} | "
+    ratios = [b.sample.iops / a.sample.iops for a, b in zip(off, on)]
+    cpu_off, cpu_on = (statistics.median(s.cpu_us for s in got[m]) for m in MODES)
+    return (f"| {w.name} | {statistics.median(s.sample.iops for s in off):,.0f} | "
+            f"{statistics.median(s.sample.iops for s in on):,.0f} | "
+            f"{statistics.median(ratios):.3f} | "
             f"{min(ratios):.2f}–{max(ratios):.2f} | {cpu_off:.1f} | {cpu_on:.1f} | "
-            f"{statistics.median(b[1] - a[1] for a, b in zip(off, on)):+.1f} |")
+            f"{statistics.median(b.cpu_us - a.cpu_us for a, b in zip(off, on)):+.1f} |")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dir", default="/dev/shm", help="the images (default %(default)s)")
     p.add_argument("--control", action="store_true", help="both daemons without --metrics")
     a = p.parse_args(argv)
-    got: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    got: dict[tuple[str, str], list[Measurement]] = {}
     work = tempfile.mkdtemp(dir=a.dir, prefix="metrics-cost-")
     runs = tempfile.mkdtemp(prefix="mc-")  # short paths for the sockets
     try:
@@ -80,9 +68,10 @@ def main(argv: list[str] | None = None) -> int:
                     os.path.join(runs, mode), [(image, ORIGIN_NAME)], extra, verbose=False))
             for r in range(a.repeat):
                 for w in WORKLOADS:
-                    for mode in MODES if r % 2 == 0 else MODES[::-1]:
+                    for mode in pair_order(r, MODES):
+                        d = daemons[mode]
                         got.setdefault((w.name, mode), []).append(
-                            measure(daemons[mode], w, a.runtime))
+                            measure(d.pid, Job(d.uri(ORIGIN_NAME), w, a.runtime)))
                 print(f"[{r + 1}/{a.repeat}] done", file=sys.stderr, flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)

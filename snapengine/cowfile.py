@@ -352,8 +352,13 @@ class CowFile:
     def intent_offset(self) -> int:
         return intent_offset_for(self.header.origin_size)
 
-    def write_intent_byte(self, index: int, value: int) -> None:
-        self.io.pwrite(bytes((value,)), self.intent_offset + index)
+    def write_intent_byte(self, index: int, value: int, durable: bool = False) -> None:
+        """``durable``: with RWF_DSYNC, which syncs that page only (and flushes the
+        disk's cache), not every dirty page of the file as an fdatasync does."""
+        if durable:
+            self.io.pwrite_dsync(bytes((value,)), self.intent_offset + index)
+        else:
+            self.io.pwrite(bytes((value,)), self.intent_offset + index)
 
     def read_intents(self) -> set[int]:
         """Regions whose bit is set in the write-intent bitmap."""

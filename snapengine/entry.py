@@ -142,6 +142,24 @@ def state_bits(entries: array) -> tuple[int, int]:
     return saved, changed
 
 
+def changed_slot(slot: int) -> int:
+    """The slot field of a saved entry once its block has changed: AHEAD dropped
+    (ZERO_AHEAD becomes ZERO)."""
+    return ZERO if slot == ZERO_AHEAD else slot & SLOT_MASK
+
+
+def write_marks(targets: list[tuple[array, int]], seed: int) -> None:
+    """Give each block of ``targets`` ((a page's entries, block), the block with no
+    entry yet) a MARK, the checksums computed in one pass: the batched form of
+    ``mark_changed``'s incremental case."""
+    if not targets:
+        return
+    for (entries, block), csum in zip(targets, mark_checksums([b for _, b in targets], seed)):
+        i = (block & PAGE_MASK) << 1
+        entries[i] = MARK
+        entries[i + 1] = csum
+
+
 def mark_changed(entries: array, first: int, bits: int, saved: int, seed: int,
                  incremental: bool) -> int:
     """Make changed, in ``entries`` (the first being block ``first``'s), the blocks of
@@ -151,8 +169,7 @@ def mark_changed(entries: array, first: int, bits: int, saved: int, seed: int,
     if not bits & (bits - 1):  # at most one block: the usual 4 KiB write
         if bits & saved:
             j = 2 * bits.bit_length() - 2
-            slot = entries[j]
-            entries[j] = ZERO if slot == ZERO_AHEAD else slot & SLOT_MASK
+            entries[j] = changed_slot(entries[j])
             return bits
         if not incremental or not bits:
             return 0
@@ -162,8 +179,7 @@ def mark_changed(entries: array, first: int, bits: int, saved: int, seed: int,
     ahead = bits & saved
     for start, length in bit_runs(ahead):
         for i in range(2 * start, 2 * (start + length), 2):
-            slot = entries[i]
-            entries[i] = ZERO if slot == ZERO_AHEAD else slot & SLOT_MASK
+            entries[i] = changed_slot(entries[i])
     if not incremental:
         return ahead
     for start, length in bit_runs(bits & ~saved):

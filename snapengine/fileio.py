@@ -28,6 +28,8 @@ BLKGETSIZE64 = 0x80081272  # u64 size in bytes
 BLKDISCARD = 0x1277  # {start, length} u64 pair
 BLKZEROOUT = 0x127F  # {start, length} u64 pair
 
+UNKNOWN_END = 1 << 63  # data_at: the end of data where the filesystem cannot say
+
 _libc = ctypes.CDLL(None, use_errno=True)
 _fallocate = _libc.fallocate
 _fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
@@ -164,20 +166,27 @@ class FileIO:
         """
         offset = start
         while offset < end:
-            try:
-                data = os.lseek(self.fd, offset, os.SEEK_DATA)
-            except OSError as e:
-                if e.errno == errno.ENXIO:  # no data after offset
-                    return
-                if e.errno in (errno.EINVAL, errno.EOPNOTSUPP):
-                    yield offset, end - offset
-                    return
-                raise
-            if data >= end:
+            found = self.data_at(offset)
+            if found is None or found[0] >= end:
                 return
-            hole = min(os.lseek(self.fd, data, os.SEEK_HOLE), end)
+            data, hole = found[0], min(found[1], end)
             yield data, hole - data
             offset = hole
+
+    def data_at(self, offset: int) -> tuple[int, int] | None:
+        """(data, hole): the first byte at or after ``offset`` that may hold data, and
+        the hole that ends its run (which may lie past the end of a range asked about);
+        None if nothing after ``offset`` holds data. Where the filesystem cannot tell,
+        everything from ``offset`` on may hold data."""
+        try:
+            data = os.lseek(self.fd, offset, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # no data after offset
+                return None
+            if e.errno in (errno.EINVAL, errno.EOPNOTSUPP):
+                return offset, UNKNOWN_END
+            raise
+        return data, os.lseek(self.fd, data, os.SEEK_HOLE)
 
     def close(self) -> None:
         if self.fd >= 0:

@@ -81,6 +81,7 @@ class Index:
         self.loads = 0
         self.slot_limit = cow.header.nr_slots  # highest slot an entry may name; engine-kept
         self.peek = self._cache.peek  # lock-free, possibly stale: the fast paths' lookup
+        self.cached = self._cache.get  # a cached page (made recent) or None: no load
 
     @staticmethod
     def _bound(max_cache_bytes: int) -> int:

@@ -41,7 +41,8 @@ from .rundir import (
 DEFAULT_ORIGIN = "var/disk0.img"  # served when no --origin is given, as DEFAULT_NAME
 DEFAULT_NAME = "disk0"
 DEFAULT_ORIGIN_SIZE = 1 << 30  # 1 GiB, sparse
-NBDKIT_THREADS = 16  # requests in flight per connection
+NBDKIT_THREADS = 16  # requests in flight per connection (--threads)
+MAX_THREADS = 256
 
 
 class Parser(argparse.ArgumentParser):
@@ -109,6 +110,9 @@ def _daemon_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS, metavar="N",
                    help="TCP connections (--tcp) served at once; more are closed at once "
                    "(default %(default)s)")
+    p.add_argument("--threads", type=int, default=NBDKIT_THREADS, metavar="N",
+                   help="nbdkit worker threads per NBD connection, the requests one client "
+                   "has served at once (default %(default)s; docs/performance.md measures it)")
     p.add_argument("--daemon", action="store_true", help="detach once ready")
     p.add_argument("--verbose", action="store_true", help="debug logging")
 
@@ -205,7 +209,7 @@ def nbdkit_command(args: argparse.Namespace, origins: list[tuple[str, str]],
         raise SnapError(errno.ENOENT, "nbdkit is not installed (apt-get install nbdkit "
                         "nbdkit-plugin-python, or `make setup`)")
     cmd = [nbdkit, "-U", run_dir.nbd_socket, "-P", run_dir.nbdkit_pid,
-           "--threads", str(NBDKIT_THREADS)]
+           "--threads", str(args.threads)]
     cmd += ["-f", "python", plugin_path(), f"run_dir={run_dir.path}",
             f"origins={json.dumps(origins)}", f"max_minors={args.max_minors}",
             f"cache_default={args.cache_default}",
@@ -248,6 +252,8 @@ def check_options(args: argparse.Namespace) -> None:
             raise SnapError(errno.EINVAL, f"--metrics {args.metrics!r} is not HOST:PORT")
     if args.max_connections < 1:
         raise SnapError(errno.EINVAL, f"--max-connections {args.max_connections} is below 1")
+    if not 1 <= args.threads <= MAX_THREADS:
+        raise SnapError(errno.EINVAL, f"--threads {args.threads} is not in 1..{MAX_THREADS}")
     if args.socket_group is not None:
         group_id(args.socket_group)
 

@@ -24,9 +24,9 @@ read answers EIO, after ``Ordering.close`` ENXIO.
 from __future__ import annotations
 
 import errno
-import threading
 from array import array
 from itertools import compress
+from threading import get_ident
 from typing import Callable
 
 import xxhash
@@ -44,17 +44,26 @@ _xxh3 = xxhash.xxh3_64_intdigest  # one saved block's checksum (see cowfile.bloc
 
 _ZERO_BLOCK = bytes(BLOCK_SIZE)
 REUSE_MAX = 1 << 20  # copy buffers up to this size are kept per thread (16 threads: 16 MiB)
+MAX_BUFFERS = 64  # threads with a kept buffer; past it the cache starts again
 
-_local = threading.local()
+# Keyed by the OS thread, not threading.local: nbdkit's Python plugin gives each
+# callback a new thread state unless threadstate.py keeps it, and a threading.local
+# empty on every request once cost a new, zeroed 1 MiB bytearray per copy. One
+# thread runs one callback at a time, so its buffer is its own.
+_buffers: dict[int, bytearray] = {}
 
 
 def copy_buffer(nbytes: int) -> memoryview:
-    """A scratch buffer of ``nbytes`` for this thread (reused: no allocation per copy)."""
-    buf = getattr(_local, "buf", None)
-    if buf is None or len(buf) < nbytes:
-        if nbytes > REUSE_MAX:
-            return memoryview(bytearray(nbytes))
-        buf = _local.buf = bytearray(REUSE_MAX)
+    """A scratch buffer of ``nbytes`` for this thread (reused: no allocation per copy).
+    Valid until this thread asks again."""
+    if nbytes > REUSE_MAX:
+        return memoryview(bytearray(nbytes))
+    key = get_ident()
+    buf = _buffers.get(key)
+    if buf is None:
+        if len(_buffers) >= MAX_BUFFERS:  # threads come and go with connections
+            _buffers.clear()
+        buf = _buffers[key] = bytearray(REUSE_MAX)
     return memoryview(buf)[:nbytes]
 
 

@@ -81,9 +81,12 @@ class SnapshotTracker(CowTracker):
         whose content a write-zeroes (``zeroing``) leaves as it was."""
         lo = first & ~(COPY_BLOCKS - 1)  # whole clusters: their neighbours come along
         hi = min(-(-end // COPY_BLOCKS) * COPY_BLOCKS, self.nr_blocks)
+        if self._all_saved(lo, hi):  # SAVED: nothing to claim (a cluster saved ahead,
+            return 0  # the other 15 writes of a first touch); no lock taken
         zeros, data = 0, None
-        if self.zeros_ok and not self.health.error and not self._all_saved(lo, hi):
-            zeros, data = old_zeros(self.origin_io, self.origin_size, lo, hi, zeroing)
+        if self.zeros_ok and not self.health.error:
+            zeros, data = old_zeros(self.origin_io, self.origin_size, lo, hi, zeroing,
+                                    self.known_data)
         while True:
             try:
                 with self._lock:

@@ -17,7 +17,8 @@ from tests.harness.files import sparse_file
 from tests.harness.process import BIN
 
 SERVE_KEYS = {"run_dir", "state_dir", "tcp", "max_minors", "cache_default", "fallocate_percent",
-              "durable", "socket_group", "max_connections", "metrics", "daemon", "verbose"}
+              "durable", "socket_group", "max_connections", "threads", "metrics", "daemon",
+              "verbose"}
 
 
 def write(tmp_path, text: str) -> str:
@@ -85,6 +86,7 @@ def serve(*args: str) -> subprocess.CompletedProcess:
     ('\n[[origins]]\npath = "/nonexistent/x.img"\n',
      "line 3: origins[0].path: origin /nonexistent/x.img"),
     ('max_connections = 0\n', "line 1: max_connections: --max-connections 0 is below 1"),
+    ('threads = 0\n', "line 1: threads: --threads 0 is not in 1..256"),
 ])
 def test_bad_value_exits_einval_naming_key_and_line(tmp_path, text, needle):
     """Checked by serve's own checks, and blamed on the file's key and line; nothing

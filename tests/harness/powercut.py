@@ -51,6 +51,19 @@ class SimFile:
         self.dirty.clear()
         self.synced_once = True
 
+    def sync_range(self, offset: int, length: int) -> None:
+        """An O_DSYNC write of [offset, offset + length) returned: its pages (and the
+        size it reaches) are durable, the rest of the file is not (unlike ``sync``)."""
+        size = os.path.getsize(self.path)
+        pages = range(offset // PAGE, (offset + length + PAGE - 1) // PAGE)
+        with open(self.path, "rb") as f:
+            for page in pages:
+                f.seek(page * PAGE)
+                self.durable_pages[page] = f.read(PAGE)
+        self.dirty -= set(range(pages.start * PAGE // SECTOR, pages.stop * PAGE // SECTOR))
+        self.durable_size = max(self.durable_size, min(size, offset + length))
+        self.synced_once = True
+
     def write_image(self, dst: str, rng: random.Random, torn: bool) -> None:
         """Write to ``dst`` what this file holds after a power cut now."""
         size = rng.choice((self.durable_size, os.path.getsize(self.path)))
@@ -82,9 +95,13 @@ class RecordingIO(FileIO):
         self.sim.wrote(offset, memoryview(buf).nbytes)
 
     def pwrite_dsync(self, buf, offset: int) -> None:
+        """RWF_DSYNC: durable on return, that range only; a cut point before and after."""
+        n = memoryview(buf).nbytes
         super().pwrite(buf, offset)
-        self.sim.wrote(offset, memoryview(buf).nbytes)
-        self.fdatasync()
+        self.sim.wrote(offset, n)
+        self.disk.boundary()
+        self.sim.sync_range(offset, n)
+        self.disk.boundary()
 
     def fsync(self) -> None:
         self.disk.boundary()
