@@ -19,7 +19,9 @@ Write path (``before_write``, called by the origin before it changes blocks):
     cached page)? Then return: this is the whole cost of a re-touch write.
  2. Snapshot mode, under the lock: the blocks not saved in the request's 64 KiB
     clusters (COPY_BLOCKS); wait while another claim overlaps them; claim them,
-    allocate slots (the ``-f`` limit), pin their pages.
+    allocate slots (the ``-f`` limit), pin their pages. Skipped, without the lock,
+    when the cached page's saved bits already cover the clusters (a cluster saved
+    ahead): those bits are set only in step 4, once nothing more is to be done.
  3. Without the lock: read the old data from the origin, checksum it, write it to its
     slots, then write the entries: changed for the blocks of the request, AHEAD (saved,
     not changed) for the rest of their clusters. ``--durable``: fdatasync (group commit).
@@ -28,9 +30,11 @@ Write path (``before_write``, called by the origin before it changes blocks):
  5. Blocks of the request saved earlier but not yet changed (AHEAD), or, in incremental
     mode, not yet marked: make the write-intent bit of their 64 MiB region durable
     (intents.py), then queue the change mark (lock-free). Queued marks are applied to
-    the pages in batches (entry.mark_changed), and always before a count is read or a
+    the pages under the lock, a few by each writer that finds MARK_BATCH queued
+    (entry.mark_changed, entry.write_marks), and all before a count is read or a
     checkpoint is taken; a page with marks is dirty: they reach the disk when it is
-    evicted or at a clean point.
+    evicted or at a clean point. Applying never lets go of the lock between setting
+    a page's changed bits and writing their entries.
  6. The origin writes the new data.
 
 Why it is safe: a block of the origin is overwritten only after its old data and then
